@@ -1,0 +1,1 @@
+"""The benchmark harness (installed as ``swssl.bench``); reports live in bench/reports/."""

@@ -1,0 +1,1 @@
+"""The export stage (installed as ``swssl.export``): ONNX, TensorRT and AOTInductor artifacts."""

@@ -1,0 +1,76 @@
+"""Checkpoints: the model, the optimiser, the epoch and the full configuration, written atomically."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swssl.config import Config
+from swssl.errors import CheckpointError
+from swssl.model import PatchEncoder
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) then rename over `path`, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(path: Path, encoder: PatchEncoder, optimizer: torch.optim.Optimizer | None,
+                    epoch: int, config: Config, history: list[dict[str, float]]) -> None:
+    state = {"model": encoder.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+             "epoch": epoch, "config": config.to_dict(), "history": history}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents; a run directory means its checkpoint.pt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint here (train one with swssl-train)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: corrupt or not a swssl checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not {"model", "config", "epoch"} <= state.keys():
+        raise CheckpointError(f"{path}: not a swssl checkpoint (model, config or epoch missing)")
+    state["config"] = Config.from_dict(state["config"])
+    state["path"] = path
+    return state
+
+
+def load_encoder(path: str | Path) -> tuple[PatchEncoder, Config]:
+    """The trained encoder of a checkpoint or run directory (evaluation mode, on the CPU) and its config."""
+    state = load_checkpoint(path)
+    config = state["config"]
+    encoder = PatchEncoder(config.model.backbone, config.preprocess.mean, config.preprocess.std)
+    try:
+        encoder.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{state['path']}: weights do not fit a {config.model.backbone} encoder "
+                              f"({str(exc).splitlines()[0]})") from None
+    return encoder.eval(), config
+
+
+def weights_digest(encoder: PatchEncoder) -> str:
+    """SHA-256 of the encoder's tensors: what banks and exports record to prove their source."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,172 @@
+"""One configuration object for a run, saved inside every checkpoint and artifact.
+
+An artifact always knows how its inputs must be prepared: the geometry (resize, patch,
+step, grid policy), the intensity scaling of the readers and the normalisation of the
+encoder travel with it. Presets ship as TOML package data; a user file overrides any
+subset of their keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from swssl.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Geometry:
+    """Images are resized to height x width, then cut into patch x patch windows every step px."""
+
+    height: int = 1024
+    width: int = 768
+    patch: int = 128
+    step: int = 32
+    # "cover": the last row/column of windows is aligned to the border, so every pixel is covered;
+    # "reference": the official (size - patch) // step positions per axis (the border strip is never seen).
+    grid: str = "cover"
+
+
+@dataclass
+class Preprocess:
+    """How stored pixel values become the encoder's input."""
+
+    # "bits": divide by the largest value the stored type / bit depth can hold (streamable, one
+    # scale for every image); "minmax": stretch each image's own min..max to 0..1.
+    intensity: str = "bits"
+    # A window whose largest pixel is not above this is empty (air) and never sampled or scored.
+    foreground_threshold: float = 0.0
+    # Normalisation applied inside the encoder after the grayscale is replicated to 3 channels.
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class Model:
+    backbone: str = "wide_resnet50_2"
+    # "imagenet" (torchvision cache or download), "none" (random) or a path to a torchvision state dict.
+    weights: str = "imagenet"
+
+
+@dataclass
+class Augment:
+    """Per-view augmentation of the official code (chest values by default)."""
+
+    crop_scale: tuple[float, float] = (0.4, 1.0)  # RandomResizedCrop back to the patch size
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    blur_p: float = 0.1
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.2
+
+
+@dataclass
+class Train:
+    epochs: int = 10000
+    batch_size: int = 300  # windows per step (each window brings a second view and a neighbour)
+    windows_per_image: int = 1  # windows drawn from each training image per epoch (official: 1)
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    grad_clip: float = 0.1  # gradient value clipping
+    neighbour_range: int = 3  # a neighbour lies within this many grid steps on each axis
+    offdiag_weight: float = 1e-6
+    workers: int = 4
+    val_every: int = 10  # epochs between validations
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    geometry: Geometry = field(default_factory=Geometry)
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    model: Model = field(default_factory=Model)
+    augment: Augment = field(default_factory=Augment)
+    train: Train = field(default_factory=Train)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return _merge(cls(), data)
+
+    def override(self, data: dict[str, Any]) -> "Config":
+        """A copy with the given (nested, partial) keys replaced."""
+        return _merge(self, data)
+
+    def validate(self) -> "Config":
+        g = self.geometry
+        if g.grid not in ("cover", "reference"):
+            raise ConfigError(f"geometry.grid must be 'cover' or 'reference', not {g.grid!r}")
+        if not 0 < g.patch <= min(g.height, g.width):
+            raise ConfigError(f"geometry.patch {g.patch} must fit in {g.height} x {g.width}")
+        if g.step <= 0:
+            raise ConfigError(f"geometry.step must be positive, not {g.step}")
+        if self.preprocess.intensity not in ("bits", "minmax"):
+            raise ConfigError(f"preprocess.intensity must be 'bits' or 'minmax', not {self.preprocess.intensity!r}")
+        if self.train.batch_size < 2:
+            raise ConfigError("train.batch_size must be at least 2 (the loss standardises over the batch)")
+        return self
+
+
+def _merge(base: Any, data: dict[str, Any]) -> Any:
+    known = {f.name: f for f in dataclasses.fields(base)}
+    changes = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"unknown configuration key {key!r} in {type(base).__name__.lower()}")
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"configuration key {key!r} must be a table")
+            changes[key] = _merge(current, value)
+        elif isinstance(current, tuple):
+            changes[key] = tuple(value)
+        else:
+            changes[key] = value
+    return dataclasses.replace(base, **changes)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("swssl.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> Config:
+    path = resources.files("swssl.presets") / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(preset_names())}")
+    return Config(name=name).override(tomllib.loads(path.read_text())).validate()
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A partial configuration from a TOML or JSON file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc}") from None
+
+
+def build_config(preset: str, config_file: str | Path | None = None, **overrides: Any) -> Config:
+    """Preset, then the user's file, then command-line overrides (dotted keys such as train.epochs)."""
+    config = load_preset(preset)
+    if config_file is not None:
+        config = config.override(read_config_file(config_file))
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, key = dotted.split(".")
+        config = config.override({section: {key: value}})
+    return config.validate()

@@ -1,0 +1,33 @@
+"""The toolkit's own exceptions: one line each, naming the file and the problem."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SwsslError(Exception):
+    """An error the command line prints as one line, without a traceback."""
+
+
+class ImageReadError(SwsslError):
+    """An image that cannot be read: unreadable, corrupt or of an unsupported kind."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class DatasetError(SwsslError):
+    """A data folder or manifest that does not describe a usable dataset."""
+
+
+class ConfigError(SwsslError):
+    """A configuration value or file that cannot be used."""
+
+
+class WeightsError(SwsslError):
+    """Backbone weights that cannot be obtained or do not fit the backbone."""
+
+
+class CheckpointError(SwsslError):
+    """A checkpoint that is missing, corrupt, or does not fit the run."""

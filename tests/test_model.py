@@ -1,0 +1,64 @@
+"""The patch encoder: shapes per backbone, the embedding against torchvision, weights handling."""
+import time
+
+import pytest
+import torch
+import torchvision
+
+from swssl import model as model_module
+from swssl.config import load_preset
+from swssl.errors import WeightsError
+from swssl.model import BACKBONES, PatchEncoder, build_encoder
+
+
+@pytest.mark.parametrize("backbone,dim", [("resnet18", 512), ("resnet50", 2048), ("wide_resnet50_2", 2048)])
+def test_shapes(backbone, dim):
+    assert backbone in BACKBONES
+    encoder = PatchEncoder(backbone).eval()
+    with torch.no_grad():
+        embeddings = encoder(torch.rand(3, 1, 64, 64))
+        assert embeddings.shape == (3, dim)
+        assert encoder.project(embeddings).shape == (3, dim)
+
+
+def test_embedding_is_pooled_torchvision_trunk(tmp_path):
+    """Weights from a torchvision state dict give torchvision's own layer4 features, averaged."""
+    reference = torchvision.models.resnet18(weights=None).eval()
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    config = load_preset("dbt").override({"model": {"backbone": "resnet18"}})
+    encoder = build_encoder(config, weights=str(tmp_path / "r18.pth")).eval()
+    windows = torch.rand(4, 1, 96, 96)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (windows.repeat(1, 3, 1, 1) - mean) / std
+    with torch.no_grad():
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            x = getattr(reference, name)(x)
+        expected = x.double().mean(dim=(2, 3))
+        got = encoder(windows).double()
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_wrong_or_corrupt_weights_are_refused(tmp_path):
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    config = load_preset("demo").override({"model": {"backbone": "resnet50"}})
+    with pytest.raises(WeightsError, match="r18.pth: not a resnet50 state dict"):
+        build_encoder(config, weights=str(tmp_path / "r18.pth"))
+    with pytest.raises(WeightsError, match="junk.pth"):
+        build_encoder(config, weights=str(tmp_path / "junk.pth"))
+    with pytest.raises(WeightsError, match="no such weights file"):
+        build_encoder(config, weights=str(tmp_path / "missing.pth"))
+
+
+def test_imagenet_offline_fails_fast_naming_weights_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # empty cache
+    monkeypatch.setattr(model_module, "_reachable", lambda url, timeout: False)
+    with pytest.raises(WeightsError, match="--weights PATH"):
+        build_encoder(load_preset("demo").override({"model": {"weights": "imagenet"}}))
+
+
+def test_reachability_probe_cannot_hang():
+    started = time.monotonic()
+    assert model_module._reachable("https://10.255.255.1/weights.pth", timeout=1.0) is False  # unroutable: would block
+    assert time.monotonic() - started < 3
