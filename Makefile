@@ -24,9 +24,12 @@ $(VENV)/.installed: pyproject.toml
 $(DEMO_DATA)/manifest.csv: | setup
 	$(BIN)/swssl-demo-data $(DEMO_DATA)
 
+# Data, training (which ends by building the memory bank), evaluation on the test split.
 demo: setup $(DEMO_DATA)/manifest.csv
 	$(BIN)/swssl-train --preset demo --data $(DEMO_DATA) --out runs/demo
-	@echo "demo run: runs/demo (checkpoint runs/demo/checkpoint.pt, loss curve runs/demo/train_log.csv)"
+	$(BIN)/swssl-eval runs/demo --data $(DEMO_DATA) --split test
+	@echo "demo run: runs/demo (selected checkpoint best.pt, memory bank bank.safetensors, loss curve train_log.csv)"
+	@echo "heatmaps: runs/demo/eval/test-aligned/heatmaps/"
 
 test: setup
 	$(BIN)/pytest -q

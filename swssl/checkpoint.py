@@ -13,7 +13,8 @@ from swssl.config import Config
 from swssl.errors import CheckpointError
 from swssl.model import PatchEncoder
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.pt"  # the latest state, for --resume
+BEST = "best.pt"  # the state selected on the val split
 
 
 def atomic_write(path: Path, write) -> None:
@@ -37,10 +38,10 @@ def save_checkpoint(path: Path, encoder: PatchEncoder, optimizer: torch.optim.Op
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's contents; a run directory means its checkpoint.pt."""
+    """A checkpoint's contents; a run directory means its best.pt, else its checkpoint.pt."""
     path = Path(path)
     if path.is_dir():
-        path = path / CHECKPOINT
+        path = path / BEST if (path / BEST).is_file() else path / CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint here (train one with swssl-train)")
     try:

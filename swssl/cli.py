@@ -74,3 +74,79 @@ def train(preset: str, config_file: Path | None, data: Path, out_dir: Path, epoc
                                                    "model.weights": weights, "train.workers": workers})
     checkpoint = run_training(config, data, out_dir, device=device, resume=resume, epochs=epochs)
     click.echo(f"checkpoint: {checkpoint}")
+
+
+device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+batch_option = click.option("--batch-size", default=256, show_default=True, help="Windows per encoder call.")
+run_dir_argument = click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+data_option = click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
+                           help="The dataset the run was trained on (folder layout or CSV manifest).")
+
+
+@click.command()
+@run_dir_argument
+@data_option
+@click.option("--fp32", is_flag=True, help="Store the bank in float32 instead of float16 (twice the size).")
+@device_option
+@batch_option
+@friendly_errors
+def bank(run_dir: Path, data: Path, fp32: bool, device: str, batch_size: int) -> None:
+    """Build RUN_DIR/bank.safetensors: the embeddings of every window of the normal training images.
+
+    Example: swssl-bank runs/demo --data data/demo
+    """
+    import torch
+
+    from swssl.bank import BANK, build_bank
+    from swssl.checkpoint import load_encoder, weights_digest
+    from swssl.datasets import discover, select
+    from swssl.train import resolve_device
+
+    encoder, config = load_encoder(run_dir)
+    dev = resolve_device(device)
+    samples = select(discover(data), "train", label=0)
+    memory = build_bank(encoder.to(dev), samples, config, weights_digest(encoder), batch_size, dev,
+                        torch.float32 if fp32 else torch.float16)
+    memory.save(run_dir / BANK)
+    n, r, c, d = memory.embeddings.shape
+    click.echo(f"bank: {run_dir / BANK} ({n} images x {r} x {c} windows x {d} features, "
+               f"{(run_dir / BANK).stat().st_size / 2**20:.1f} MiB)")
+
+
+@click.command(name="eval")
+@run_dir_argument
+@data_option
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--scorer", "scorers", multiple=True, default=("aligned", "global", "reference"), show_default=True,
+              type=click.Choice(["aligned", "global", "reference"]), help="Repeat to run several.")
+@click.option("--radius", default=0, show_default=True, help="aligned: also compare with bank windows within +-R positions.")
+@click.option("--k", default=1, show_default=True, help="global: number of nearest bank windows averaged.")
+@click.option("--coreset", type=float, help="global: keep this share of bank windows (k-center greedy), e.g. 0.1.")
+@click.option("--top-k", "top", default=1, show_default=True, help="Image score = mean of the K highest window scores.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder (default RUN_DIR/eval).")
+@device_option
+@batch_option
+@friendly_errors
+def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], radius: int, k: int,
+             coreset: float | None, top: int, out_dir: Path | None, device: str, batch_size: int) -> None:
+    """Score a split against the run's memory bank and report image / pixel AUROC and lesion hits.
+
+    Writes eval.json, images.csv, roc.png and heatmap overlays to RUN_DIR/eval/<split>-<scorer>/.
+    Example: swssl-eval runs/demo --data data/demo --split test
+    """
+    from swssl.bank import MemoryBank
+    from swssl.checkpoint import load_encoder, weights_digest
+    from swssl.datasets import discover, select
+    from swssl.evaluate import default_scorer_options, evaluate as run_evaluation, print_summaries
+    from swssl.train import resolve_device
+
+    encoder, config = load_encoder(run_dir)
+    memory = MemoryBank.load(run_dir, config=config, encoder_digest=weights_digest(encoder))
+    dev = resolve_device(device)
+    samples = select(discover(data), split)
+    options = default_scorer_options(list(dict.fromkeys(scorers)), radius, k, coreset, top)
+    out_dir = out_dir or run_dir / "eval"
+    summaries = run_evaluation(encoder.to(dev), memory, samples, config, options, out_dir, split, dev, batch_size)
+    click.echo(print_summaries(summaries))
+    click.echo(f"reports: {out_dir}/{split}-<scorer>/")

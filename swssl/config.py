@@ -80,7 +80,9 @@ class Train:
     neighbour_range: int = 3  # a neighbour lies within this many grid steps on each axis
     offdiag_weight: float = 1e-6
     workers: int = 4
-    val_every: int = 10  # epochs between validations
+    val_every: int = 10  # epochs between checkpoints and validations
+    val_scorer: str = "aligned"  # the scorer whose val AUROC selects the checkpoint
+    val_bank_images: int = 0  # training images in the validation bank (0: all; fewer is faster)
     seed: int = 0
 
 
@@ -114,6 +116,8 @@ class Config:
             raise ConfigError(f"geometry.step must be positive, not {g.step}")
         if self.preprocess.intensity not in ("bits", "minmax"):
             raise ConfigError(f"preprocess.intensity must be 'bits' or 'minmax', not {self.preprocess.intensity!r}")
+        if self.train.epochs < 1:
+            raise ConfigError(f"train.epochs must be at least 1, not {self.train.epochs}")
         if self.train.batch_size < 2:
             raise ConfigError("train.batch_size must be at least 2 (the loss standardises over the batch)")
         return self

@@ -17,15 +17,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from swssl.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from swssl.bank import BANK, build_bank
+from swssl.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_encoder, save_checkpoint, weights_digest
 from swssl.config import Config
 from swssl.datasets import Sample, discover, load_resized, select
+from swssl.evaluate import validation_auroc
 from swssl.loss import LossTerms, swssl_loss
 from swssl.model import build_encoder
 from swssl.sampler import WindowTriplets
 
 CACHE_LIMIT_BYTES = 2 << 30  # training images are held in memory (16-bit) when they fit in this
 LOG = "train_log.csv"
+LOG_FIELDS = ("epoch", "loss", "twin", "pair", "neighbour", "seconds", "val_auroc")
 
 
 class CachedImage:
@@ -62,9 +65,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def train(config: Config, data: str | Path, out: str | Path, device: str = "auto", resume: bool = False,
-          epochs: int | None = None) -> Path:
-    """Train an encoder on the normal images of the train split; returns the checkpoint path.
+          epochs: int | None = None, build_final_bank: bool = True) -> Path:
+    """Train an encoder on the normal images of the train split; returns the selected checkpoint.
 
+    Every `val_every` epochs the run is checkpointed (out/checkpoint.pt, for --resume) and, when
+    the data has a val split with both classes, scored on it: the best image AUROC is kept as
+    out/best.pt. At the end the memory bank of the selected encoder is built (out/bank.safetensors).
     With `resume`, continues from out/checkpoint.pt with the configuration saved in it
     (`epochs` may extend the budget).
     """
@@ -78,7 +84,9 @@ def train(config: Config, data: str | Path, out: str | Path, device: str = "auto
     tc = config.train
     dev = resolve_device(device)
 
-    samples = select(discover(data), "train", label=0)
+    everything = discover(data)
+    samples = select(everything, "train", label=0)
+    validation = _validation_split(everything)
     dataset = WindowTriplets(training_images(samples, config), [str(s.path) for s in samples], config)
 
     torch.manual_seed(tc.seed)
@@ -115,15 +123,48 @@ def train(config: Config, data: str | Path, out: str | Path, device: str = "auto
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.total.item():.3f}")
             row = dict(zip(("loss", "twin", "pair", "neighbour"), (sums / max(steps, 1)).tolist()))
             history.append({"epoch": epoch + 1, **row, "seconds": time.perf_counter() - started})
-            _append_log(out / LOG, history[-1])
             if (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs:
+                if validation:
+                    history[-1]["val_auroc"] = _validate(encoder, samples, validation, config, dev, history, out)
                 save_checkpoint(out / CHECKPOINT, encoder, optimizer, epoch + 1, config, history)
+            _append_log(out / LOG, history[-1])
     except KeyboardInterrupt:
         bar.close()
         save_checkpoint(out / CHECKPOINT, encoder, optimizer, len(history), config, history)
         raise
     bar.close()
-    return out / CHECKPOINT
+    selected = out / BEST if (out / BEST).exists() else out / CHECKPOINT
+    if build_final_bank:
+        _build_run_bank(selected, samples, dev, out)
+    return selected
+
+
+def _validation_split(samples: list[Sample]) -> list[Sample]:
+    """The val split when it holds both classes (else no selection: the last checkpoint is used)."""
+    val = [s for s in samples if s.split == "val"]
+    if {s.label for s in val} != {0, 1}:
+        tqdm.write("no val split with normal and abnormal images: the last checkpoint will be used")
+        return []
+    return val
+
+
+def _validate(encoder, train_samples, val_samples, config: Config, device, history, out: Path) -> float | None:
+    """Val AUROC now; saves out/best.pt when it beats every earlier validation."""
+    bank_images = config.train.val_bank_images or len(train_samples)
+    auroc = validation_auroc(encoder, train_samples[:: max(1, len(train_samples) // bank_images)][:bank_images],
+                             val_samples, config, config.train.val_scorer, device)
+    earlier = [row["val_auroc"] for row in history[:-1] if row.get("val_auroc") is not None]
+    if auroc is not None and (not earlier or auroc > max(earlier)):
+        save_checkpoint(out / BEST, encoder, None, history[-1]["epoch"], config, history)
+    tqdm.write(f"epoch {history[-1]['epoch']}: val AUROC ({config.train.val_scorer}) = {auroc}")
+    return auroc
+
+
+def _build_run_bank(checkpoint: Path, samples: list[Sample], device, out: Path) -> None:
+    encoder, config = load_encoder(checkpoint)
+    encoder = encoder.to(device)
+    bank = build_bank(encoder, samples, config, weights_digest(encoder), device=device)
+    bank.save(out / BANK)
 
 
 def train_step(encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, tc, device: torch.device,
@@ -143,7 +184,7 @@ def train_step(encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
 def _append_log(path: Path, row: dict[str, float]) -> None:
     new = not path.exists() or row["epoch"] == 1
     with path.open("w" if new else "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
+        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS, restval="")
         if new:
             writer.writeheader()
         writer.writerow(row)

@@ -1,0 +1,99 @@
+"""The memory bank: the embeddings of every window of the normal training images, saved once.
+
+The official code recomputes this at every evaluation and keeps it in host memory as float32;
+here it is built in batches on the device and saved as safetensors (fp16 by default) with the
+metadata that says what it is valid for: the encoder's weight digest, the geometry, the
+preprocessing and the grid. Loading it against a different encoder or input preparation fails
+with a message naming what differs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from swssl.checkpoint import atomic_write
+from swssl.config import Config
+from swssl.datasets import Sample, load_resized
+from swssl.embed import Encode, embed_image
+from swssl.errors import SwsslError
+
+BANK = "bank.safetensors"
+FORMAT = "swssl-bank/1"
+
+
+class BankMismatchError(SwsslError):
+    """A bank built for another encoder, geometry or preprocessing than the one at hand."""
+
+
+@dataclass
+class MemoryBank:
+    embeddings: torch.Tensor  # N x R x C x D
+    foreground: torch.Tensor  # N x R x C, bool
+    config: Config
+    encoder_digest: str
+    paths: list[str]
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        metadata = {"format": FORMAT, "config": json.dumps(self.config.to_dict()),
+                    "encoder_digest": self.encoder_digest, "paths": json.dumps(self.paths),
+                    "grid": json.dumps(list(self.foreground.shape[1:])), "images": str(len(self.paths))}
+        tensors = {"embeddings": self.embeddings.contiguous().cpu(), "foreground": self.foreground.contiguous().cpu()}
+        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    @classmethod
+    def load(cls, path: str | Path, config: Config | None = None, encoder_digest: str | None = None) -> "MemoryBank":
+        """Load a bank; with `config` / `encoder_digest`, refuse one that does not fit them."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / BANK
+        if not path.is_file():
+            raise SwsslError(f"{path}: no memory bank here (build one with swssl-bank RUN_DIR --data DIR)")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            bank = cls(tensors["embeddings"], tensors["foreground"].bool(),
+                       Config.from_dict(json.loads(metadata["config"])), metadata["encoder_digest"],
+                       json.loads(metadata["paths"]))
+        except Exception as exc:
+            raise SwsslError(f"{path}: corrupt or not a swssl memory bank ({type(exc).__name__}: {exc})") from None
+        if config is not None:
+            check_compatible(bank, config, encoder_digest, path)
+        return bank
+
+
+def check_compatible(bank: MemoryBank, config: Config, encoder_digest: str | None, path: Path) -> None:
+    """Raise BankMismatchError naming each setting in which the bank and the run differ."""
+    ours, theirs = bank.config.to_dict(), config.to_dict()
+    differences = [f"{section}.{key}: bank {ours[section][key]!r}, run {theirs[section][key]!r}"
+                   for section in ("geometry", "preprocess") for key in ours[section]
+                   if ours[section][key] != theirs[section][key]]
+    if bank.config.model.backbone != config.model.backbone:
+        differences.append(f"model.backbone: bank {bank.config.model.backbone!r}, run {config.model.backbone!r}")
+    if encoder_digest is not None and encoder_digest != bank.encoder_digest:
+        differences.append("encoder weights differ from the ones the bank was built with")
+    if differences:
+        raise BankMismatchError(f"{path}: memory bank does not fit this model ({'; '.join(differences)}); "
+                                "rebuild it with swssl-bank RUN_DIR --data DIR")
+
+
+def build_bank(encode: Encode, samples: list[Sample], config: Config, encoder_digest: str,
+               batch_size: int = 256, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float16) -> MemoryBank:
+    """Embed every window of every sample (a progress bar over images) into a bank."""
+    embeddings, foreground = [], []
+    for sample in tqdm(samples, desc="memory bank", unit="img"):
+        image = load_resized(sample, config.geometry, config.preprocess.intensity)
+        emb, fg = embed_image(encode, image, config, batch_size, device)
+        embeddings.append(emb.to("cpu", dtype))
+        foreground.append(fg.cpu())
+    return MemoryBank(torch.stack(embeddings), torch.stack(foreground), config, encoder_digest,
+                      [str(s.path) for s in samples])

@@ -1,0 +1,86 @@
+"""Evaluation: embed each image of a split once, score it with every requested scorer, report.
+
+Used by `swssl-eval` and by training's periodic validation (which selects the checkpoint on
+the val split; the test split is never used for selection).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from swssl.bank import MemoryBank, build_bank
+from swssl.checkpoint import weights_digest
+from swssl.config import Config
+from swssl.datasets import Sample, load_mask, load_resized
+from swssl.embed import embed_image
+from swssl.geometry import grid
+from swssl.metrics import image_auroc
+from swssl.model import PatchEncoder
+from swssl.report import ImageResult, format_table, summarise, write_report
+from swssl.scorers import build_scorer
+
+
+def score_samples(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], config: Config,
+                  scorers: dict[str, dict], device: str | torch.device = "cpu", batch_size: int = 256,
+                  progress: bool = True) -> dict[str, list[ImageResult]]:
+    """Per scorer name, one ImageResult per sample (with its mask; images are not kept)."""
+    built = {name: build_scorer(name, bank, device, **options) for name, options in scorers.items()}
+    results: dict[str, list[ImageResult]] = {name: [] for name in scorers}
+    for sample in tqdm(samples, desc="scoring", unit="img", disable=not progress):
+        image = load_resized(sample, config.geometry, config.preprocess.intensity)
+        embeddings, foreground = embed_image(encoder, image, config, batch_size, device)
+        mask = load_mask(sample, config.geometry) if sample.mask is not None else None
+        for name, scorer in built.items():
+            scored = scorer.score(embeddings, foreground)
+            maps = None if scored.window_scores is None else scored.window_scores.numpy()
+            results[name].append(ImageResult(str(sample.path), sample.label, scored.score, maps, None, mask))
+    return results
+
+
+def validation_auroc(encoder: PatchEncoder, train_samples: list[Sample], val_samples: list[Sample],
+                     config: Config, scorer: str, device: str | torch.device, batch_size: int = 256) -> float | None:
+    """Image AUROC on the val split with a bank of `train_samples` (model selection during training)."""
+    encoder.eval()
+    bank = build_bank(encoder, train_samples, config, "validation", batch_size, device, torch.float32)
+    results = score_samples(encoder, bank, val_samples, config, {scorer: {}}, device, batch_size, progress=False)
+    return image_auroc([r.label for r in results[scorer]], [r.score for r in results[scorer]])
+
+
+def evaluate(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], config: Config,
+             scorers: dict[str, dict], out_dir: Path, split: str, device: str | torch.device = "cpu",
+             batch_size: int = 256, top: int = 8) -> dict[str, dict]:
+    """Score `samples`, write one report folder per scorer (out_dir/<split>-<scorer>/), return the summaries."""
+    started = time.perf_counter()
+    results = score_samples(encoder, bank, samples, config, scorers, device, batch_size)
+    seconds = time.perf_counter() - started
+    rows, cols = grid(config.geometry)
+    summaries = {}
+    for name, scored in results.items():
+        summary = summarise(scored, rows, cols, config.geometry.patch, split, name)
+        _attach_images(scored, samples, config, top)
+        extra = {"scorer_options": scorers[name], "seconds_all_scorers": seconds,
+                 "encoder_digest": weights_digest(encoder), "config": config.to_dict()}
+        write_report(out_dir / f"{split}-{name}", scored, summary, rows, cols, config.geometry.patch, top, extra)
+        summaries[name] = summary
+    return summaries
+
+
+def _attach_images(results: list[ImageResult], samples: list[Sample], config: Config, top: int) -> None:
+    """Reload only the images the overlays show, so memory does not grow with the split."""
+    ranked = sorted(zip(results, samples), key=lambda pair: pair[0].score, reverse=True)
+    for result, sample in ranked[:top]:
+        result.image = load_resized(sample, config.geometry, config.preprocess.intensity)
+
+
+def print_summaries(summaries: dict[str, dict]) -> str:
+    return "\n\n".join(format_table(summary) for summary in summaries.values())
+
+
+def default_scorer_options(names: list[str], radius: int, k: int, coreset: float | None, top: int) -> dict[str, dict]:
+    options = {"aligned": {"radius": radius, "top": top}, "global": {"k": k, "top": top, "coreset_ratio": coreset},
+               "reference": {}}
+    return {name: options[name] for name in names}
+

@@ -1,0 +1,173 @@
+"""Scorers: how far each window of a test image lies from the normal windows of the bank.
+
+Distances are squared-L2 expansions |a|^2 + |b|^2 - 2ab computed as chunked (batched) matmuls
+on the device in float32, whatever the bank's storage dtype, so memory stays bounded by the
+chunk size (stated per scorer) and not by the bank size.
+
+- `aligned`: per grid position, the smallest distance to the training windows at that position
+  (or within +-radius positions); the paper's setting for registered, resized images.
+- `global`: mean distance to the k nearest bank windows anywhere (foreground windows only),
+  optionally over a k-center-greedy coreset; works for images of any size.
+- `reference`: the official evaluate.py aggregation, exactly: norms over positions, min over
+  training images, max over channels. No per-window map.
+Image score of `aligned` / `global`: the maximum over scored windows, or the mean of the top k.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from swssl.bank import MemoryBank
+from swssl.errors import ConfigError
+
+SCORERS = ("aligned", "global", "reference")
+
+
+@dataclass
+class ImageScore:
+    score: float
+    window_scores: torch.Tensor | None  # R x C float32 on the CPU, NaN where the window was not scored
+
+
+def image_score(window_scores: torch.Tensor, foreground: torch.Tensor, top: int = 1) -> float:
+    """Max (top=1) or mean of the `top` largest scores over foreground windows; 0 when there are none."""
+    values = window_scores[foreground]
+    if values.numel() == 0:
+        return 0.0
+    return values.topk(min(top, values.numel())).values.mean().item()
+
+
+def _result(distances: torch.Tensor, foreground: torch.Tensor, top: int) -> ImageScore:
+    window_scores = torch.where(foreground, distances, torch.full_like(distances, float("nan")))
+    return ImageScore(image_score(distances, foreground, top), window_scores.float().cpu())
+
+
+class AlignedScorer:
+    """Position-matched nearest neighbour. Memory: chunk x R x C x D x 4 bytes (chunk = bank images per step)."""
+
+    name = "aligned"
+
+    def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", radius: int = 0, top: int = 1,
+                 chunk: int = 16):
+        self.device, self.radius, self.top, self.chunk = torch.device(device), radius, top, chunk
+        # R x C x N x D: for each position, its training windows side by side.
+        self.bank = bank.embeddings.permute(1, 2, 0, 3).contiguous().to(self.device)
+        self.norms = torch.cat([self.bank[:, :, i:i + chunk].float().pow(2).sum(-1)
+                                for i in range(0, self.bank.shape[2], chunk)], dim=2)
+
+    @torch.inference_mode()
+    def score(self, embeddings: torch.Tensor, foreground: torch.Tensor) -> ImageScore:
+        rows, cols, n, _ = self.bank.shape
+        if embeddings.shape[:2] != (rows, cols):
+            raise ConfigError(f"image grid {tuple(embeddings.shape[:2])} differs from the bank's {(rows, cols)}; "
+                              "the aligned scorer needs images at the run's geometry (use --scorer global)")
+        test = embeddings.to(self.device, torch.float32)
+        test_norms = test.pow(2).sum(-1)
+        best = torch.full((rows, cols), float("inf"), device=self.device)
+        r = self.radius
+        for dr in range(-r, r + 1):
+            for dc in range(-r, r + 1):
+                # positions (i, j) whose shifted partner (i + dr, j + dc) lies on the grid
+                i0, i1, j0, j1 = max(0, -dr), min(rows, rows - dr), max(0, -dc), min(cols, cols - dc)
+                if i0 >= i1 or j0 >= j1:
+                    continue
+                t = test[i0:i1, j0:j1].reshape(-1, test.shape[-1], 1)
+                for start in range(0, n, self.chunk):
+                    b = self.bank[i0 + dr:i1 + dr, j0 + dc:j1 + dc, start:start + self.chunk].float()
+                    bn = self.norms[i0 + dr:i1 + dr, j0 + dc:j1 + dc, start:start + self.chunk]
+                    dots = torch.bmm(b.reshape(t.shape[0], -1, t.shape[1]), t).view(bn.shape)
+                    d2 = (test_norms[i0:i1, j0:j1, None] + bn - 2 * dots).amin(-1)
+                    best[i0:i1, j0:j1] = torch.minimum(best[i0:i1, j0:j1], d2)
+        return _result(best.clamp_min(0).sqrt(), foreground.to(self.device), self.top)
+
+
+class GlobalScorer:
+    """k nearest bank windows anywhere. Memory: (windows of the image) x (chunk + k) x 4 + chunk x D x 4 bytes."""
+
+    name = "global"
+
+    def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", k: int = 1, top: int = 1,
+                 coreset_ratio: float | None = None, chunk: int = 8192, seed: int = 0):
+        self.device, self.k, self.top, self.chunk = torch.device(device), k, top, chunk
+        flat = bank.embeddings[bank.foreground]  # foreground windows only: empty air is not a reference
+        if flat.shape[0] == 0:
+            raise ConfigError("the memory bank has no foreground window")
+        if coreset_ratio is not None:
+            flat = flat[k_center_greedy(flat, max(k, math.ceil(coreset_ratio * len(flat))), seed=seed,
+                                        device=self.device)]
+        self.bank = flat.to(self.device)
+        self.norms = torch.cat([self.bank[i:i + chunk].float().pow(2).sum(-1) for i in range(0, len(flat), chunk)])
+        if self.k > len(self.bank):
+            raise ConfigError(f"k={self.k} exceeds the {len(self.bank)} windows of the bank")
+
+    @torch.inference_mode()
+    def score(self, embeddings: torch.Tensor, foreground: torch.Tensor) -> ImageScore:
+        foreground = foreground.to(self.device)
+        test = embeddings.to(self.device, torch.float32)[foreground]
+        nearest = knn_distances(test, self.bank, self.norms, self.k, self.chunk).mean(-1)
+        distances = torch.zeros(foreground.shape, device=self.device)
+        distances[foreground] = nearest
+        return _result(distances, foreground, self.top)
+
+
+def knn_distances(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor, k: int,
+                  chunk: int = 8192) -> torch.Tensor:
+    """Distances (Q x k, ascending) from each query to its k nearest bank rows, in bank chunks."""
+    query_norms = queries.pow(2).sum(-1, keepdim=True)
+    best = torch.full((len(queries), k), float("inf"), device=queries.device)
+    for start in range(0, len(bank), chunk):
+        block = bank[start:start + chunk].float()
+        d2 = query_norms + bank_norms[start:start + chunk] - 2 * queries @ block.T
+        best = torch.cat([best, d2], dim=1).topk(k, dim=1, largest=False).values
+    return best.clamp_min(0).sqrt()
+
+
+class ReferenceScorer:
+    """The official evaluate.py score. Memory: chunk x R x C x D x 4 bytes."""
+
+    name = "reference"
+
+    def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", chunk: int = 8):
+        self.device, self.chunk = torch.device(device), chunk
+        self.bank = bank.embeddings.flatten(1, 2).to(self.device)  # N x P x D
+
+    @torch.inference_mode()
+    def score(self, embeddings: torch.Tensor, foreground: torch.Tensor) -> ImageScore:
+        test = embeddings.to(self.device, torch.float32).flatten(0, 1)  # P x D, every window as the official code
+        if test.shape[0] != self.bank.shape[1]:
+            raise ConfigError("the reference scorer needs images at the run's geometry")
+        best = torch.full((test.shape[1],), float("inf"), device=self.device)
+        for start in range(0, len(self.bank), self.chunk):
+            d = (self.bank[start:start + self.chunk].float() - test).pow(2).sum(1).sqrt()  # chunk x D
+            best = torch.minimum(best, d.amin(0))
+        return ImageScore(best.max().item(), None)
+
+
+def k_center_greedy(points: torch.Tensor, count: int, projection_dim: int = 128, seed: int = 0,
+                    device: str | torch.device = "cpu") -> torch.Tensor:
+    """Indices of a k-center-greedy coreset (as PatchCore), chosen on a Gaussian random projection.
+
+    Starts from a seeded random point, then repeatedly adds the point farthest from those chosen.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    count = min(count, len(points))
+    dim = points.shape[1]
+    projection = torch.randn(dim, min(projection_dim, dim), generator=generator) / math.sqrt(min(projection_dim, dim))
+    projected = points.float().to(device) @ projection.to(device)
+    chosen = [int(torch.randint(len(points), (), generator=generator))]
+    nearest = (projected - projected[chosen[0]]).pow(2).sum(-1)
+    for _ in range(count - 1):
+        index = int(nearest.argmax())
+        chosen.append(index)
+        nearest = torch.minimum(nearest, (projected - projected[index]).pow(2).sum(-1))
+    return torch.tensor(chosen)
+
+
+def build_scorer(name: str, bank: MemoryBank, device: str | torch.device = "cpu", **options):
+    """The scorer called `name` over `bank`; options are the scorer's keyword arguments."""
+    kinds = {"aligned": AlignedScorer, "global": GlobalScorer, "reference": ReferenceScorer}
+    if name not in kinds:
+        raise ConfigError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
+    return kinds[name](bank, device, **options)

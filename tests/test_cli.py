@@ -1,0 +1,84 @@
+"""End to end through the command line on a tiny generated dataset whose anomalies are obvious."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from swssl import cli
+
+TINY = """
+[geometry]
+height = 128
+width = 96
+patch = 32
+step = 16
+[train]
+epochs = 1
+batch_size = 8
+windows_per_image = 2
+workers = 0
+"""
+
+
+def normal_image(rng):
+    y, x = np.mgrid[:128, :96]
+    smooth = 0.35 + 0.1 * np.sin(y / 9.0 + rng.random() * 6) * np.cos(x / 11.0)
+    return np.clip(smooth + 0.02 * rng.normal(size=smooth.shape), 0, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    rows = ["path,label,split,mask"]
+    for split, count in (("train", 6), ("val", 4), ("test", 8)):
+        for i in range(count):
+            image = normal_image(rng)
+            label = int(split != "train" and i % 2 == 1)
+            mask_name = ""
+            if label:
+                y, x = rng.integers(8, 128 - 24), rng.integers(8, 96 - 24)
+                image[y:y + 14, x:x + 14] = 1.0
+                mask = np.zeros(image.shape, np.uint8)
+                mask[y:y + 14, x:x + 14] = 255
+                mask_name = f"{split}-{i}_mask.png"
+                Image.fromarray(mask).save(root / mask_name)
+            Image.fromarray((image * 65535).astype(np.uint16)).save(root / f"{split}-{i}.png")
+            rows.append(f"{split}-{i}.png,{label},{split},{mask_name}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    (root / "tiny.toml").write_text(TINY)
+    return root
+
+
+def test_train_bank_eval_end_to_end(tiny_data, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(cli.train, ["--preset", "demo", "--config", str(tiny_data / "tiny.toml"),
+                                       "--data", str(tiny_data), "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert (run / "checkpoint.pt").is_file() and (run / "bank.safetensors").is_file()
+    result = runner.invoke(cli.bank, [str(run), "--data", str(tiny_data), "--fp32"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli.evaluate, [str(run), "--data", str(tiny_data), "--split", "test"])
+    assert result.exit_code == 0, result.output
+    for scorer in ("aligned", "global", "reference"):
+        report = json.loads((run / "eval" / f"test-{scorer}" / "eval.json").read_text())
+        assert report["images"] == 8 and report["abnormal"] == 4
+        if scorer != "reference":
+            assert report["image_auroc"] > 0.9, (scorer, report)
+            assert report["lesion_hit_rate"] > 0.5, (scorer, report)
+    assert (run / "eval" / "test-aligned" / "roc.png").is_file()
+    assert list((run / "eval" / "test-aligned" / "heatmaps").glob("*.png"))
+
+
+def test_errors_are_one_line(tiny_data, tmp_path):
+    runner = CliRunner()
+    (tmp_path / "broken.csv").write_text("path,label,split\nnowhere.png,0,train\n")
+    result = runner.invoke(cli.train, ["--data", str(tmp_path / "broken.csv"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and "broken.csv" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    result = runner.invoke(cli.evaluate, [str(tmp_path), "--data", str(tiny_data)])
+    assert result.exit_code == 1 and "no checkpoint" in result.output
