@@ -9,8 +9,10 @@ DEMO_DATA ?= data/demo
 DATA ?= $(DEMO_DATA)
 RUN ?= runs/$(PRESET)
 EPOCHS ?=
+# swssl-export formats for `make export` / `make demo` (AOTI for CUDA when there is one, else the CPU).
+EXPORT_FLAGS ?= --onnx --aoti
 
-.PHONY: setup demo test train clean
+.PHONY: setup demo test train export bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,8 +30,11 @@ $(DEMO_DATA)/manifest.csv: | setup
 demo: setup $(DEMO_DATA)/manifest.csv
 	$(BIN)/swssl-train --preset demo --data $(DEMO_DATA) --out runs/demo
 	$(BIN)/swssl-eval runs/demo --data $(DEMO_DATA) --split test
+	$(BIN)/swssl-export runs/demo $(EXPORT_FLAGS)
+	$(BIN)/swssl-infer '$(DEMO_DATA)/test/*[0-9].png' --model runs/demo --out runs/demo/infer --heatmaps
 	@echo "demo run: runs/demo (selected checkpoint best.pt, memory bank bank.safetensors, loss curve train_log.csv)"
 	@echo "heatmaps: runs/demo/eval/test-aligned/heatmaps/"
+	@echo "slides by score (open in a browser): runs/demo/infer/index.html"
 
 test: setup
 	$(BIN)/pytest -q
@@ -38,6 +43,18 @@ test: setup
 # make train PRESET=dbt DATA=/path -> the paper's DBT setting on your data
 train: setup $(if $(filter $(DEMO_DATA),$(DATA)),$(DEMO_DATA)/manifest.csv)
 	$(BIN)/swssl-train --preset $(PRESET) --data $(DATA) --out $(RUN) $(if $(EPOCHS),--epochs $(EPOCHS))
+
+# make export                 -> ONNX + AOTInductor exports of runs/demo, verified (runs/demo/export/)
+# make export RUN=runs/x EXPORT_FLAGS="--trt --precision fp16"
+export: setup
+	$(BIN)/swssl-export $(RUN) $(EXPORT_FLAGS)
+
+# make bench                                  -> the CPU suite (resnet18; about 3 minutes on 2 cores),
+#                                                report in bench/reports/cpu-<date>.md / .json / .png
+# make bench BENCH_FLAGS="--backbone wide_resnet50_2 --slides 16"   (flags: swssl-bench --help)
+BENCH_FLAGS ?=
+bench: setup
+	$(BIN)/swssl-bench --device cpu --out bench/reports $(BENCH_FLAGS)
 
 clean:
 	rm -rf runs data/demo

@@ -12,14 +12,15 @@ from swssl.errors import SwsslError
 
 
 def friendly_errors(command):
-    """Turn our exceptions into `error: <file>: <problem>` and exit status 1; Ctrl-C into status 130."""
+    """Turn our exceptions into `error: <file>: <problem>` and their exit_code (1, or 2 for a missing
+    requirement); Ctrl-C into status 130."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except SwsslError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -150,3 +151,55 @@ def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], ra
     summaries = run_evaluation(encoder.to(dev), memory, samples, config, options, out_dir, split, dev, batch_size)
     click.echo(print_summaries(summaries))
     click.echo(f"reports: {out_dir}/{split}-<scorer>/")
+
+
+@click.command()
+@click.argument("slides", nargs=-1, required=True)
+@click.option("--model", required=True, type=click.Path(exists=True, path_type=Path),
+              help="A run directory (its checkpoint and memory bank) or an exported artifact inside it.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: scores.csv, scores.jsonl, heatmaps/, index.html.")
+@click.option("--backend", "kind", default="auto", show_default=True,
+              type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt", "aoti"]),
+              help="Inference engine; auto picks the fastest usable one for --model.")
+@device_option
+@click.option("--batch", "--batch-size", "batch_size", default=256, show_default=True,
+              help="Windows per encoder call.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
+              help="Precision of the backend (default: the artifact's own).")
+@click.option("--scorer", type=click.Choice(["aligned", "global", "reference"]),
+              help="Default: aligned in the run's resize geometry, global in native geometry.")
+@click.option("--radius", default=0, show_default=True, help="aligned: also compare with bank windows within +-R positions.")
+@click.option("--k", default=1, show_default=True, help="global: number of nearest bank windows averaged.")
+@click.option("--coreset", type=float, help="global: keep this share of bank windows (k-center greedy), e.g. 0.1.")
+@click.option("--top-k", "top", default=1, show_default=True, help="Slide score = mean of the K highest window scores.")
+@click.option("--scale", type=float,
+              help="Native geometry: cut windows from the full-resolution grid downsampled by F = 1/k "
+                   "(1, 0.5, 0.25, ...) instead of resizing to the run's size.")
+@click.option("--heatmaps", is_flag=True, help="Write a PNG overlay and the float score map (.npy) per slide.")
+@click.option("--resume", is_flag=True, help="Skip slides already scored in OUT/scores.csv (errors are retried).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device: str, batch_size: int,
+          precision: str | None, scorer: str | None, radius: int, k: int, coreset: float | None, top: int,
+          scale: float | None, heatmaps: bool, resume: bool, quiet: bool) -> None:
+    """Score SLIDES (files, folders searched recursively, or globs) against a run's memory bank.
+
+    Every frame of a multi-frame file (a DBT volume) is a slide; the volume's score is the max over
+    its frames. Each slide's result is written as soon as it is done; unreadable files become rows
+    with status error and the run goes on (exit status 1 at the end if any failed).
+    Example: swssl-infer data/demo/test --model runs/demo --out runs/demo/infer --heatmaps
+    """
+    from swssl.evaluate import default_scorer_options
+    from swssl.infer import choose_settings, format_summary, load_model, run_inference
+    from swssl.stream import scale_factor
+
+    if scale is not None:
+        scale_factor(scale)  # refuse a bad factor before loading anything
+    loaded = load_model(model, kind, device, precision)
+    options = default_scorer_options(["aligned", "global", "reference"], radius, k, coreset, top)
+    settings = choose_settings(loaded.config, scorer, options, scale, batch_size, heatmaps)
+    summary = run_inference(slides, loaded, out_dir, settings, resume=resume, progress=not quiet)
+    click.echo(format_summary(summary))
+    if summary.failures:
+        sys.exit(1)

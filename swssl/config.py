@@ -32,6 +32,10 @@ class Geometry:
     # "cover": the last row/column of windows is aligned to the border, so every pixel is covered;
     # "reference": the official (size - patch) // step positions per axis (the border strip is never seen).
     grid: str = "cover"
+    # How swssl-infer cuts a slide: "resize" (the run's own geometry: the image resized to height x
+    # width, as training and swssl-eval do) or "native" (windows cut from the full-resolution grid,
+    # for images too large to resize sensibly; swssl-infer --scale F forces it).
+    inference: str = "resize"
 
 
 @dataclass
@@ -114,6 +118,8 @@ class Config:
             raise ConfigError(f"geometry.patch {g.patch} must fit in {g.height} x {g.width}")
         if g.step <= 0:
             raise ConfigError(f"geometry.step must be positive, not {g.step}")
+        if g.inference not in ("resize", "native"):
+            raise ConfigError(f"geometry.inference must be 'resize' or 'native', not {g.inference!r}")
         if self.preprocess.intensity not in ("bits", "minmax"):
             raise ConfigError(f"preprocess.intensity must be 'bits' or 'minmax', not {self.preprocess.intensity!r}")
         if self.train.epochs < 1:

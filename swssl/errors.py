@@ -5,7 +5,9 @@ from pathlib import Path
 
 
 class SwsslError(Exception):
-    """An error the command line prints as one line, without a traceback."""
+    """An error the command line prints as one line, without a traceback, then exits with `exit_code`."""
+
+    exit_code = 1
 
 
 class ImageReadError(SwsslError):

@@ -165,26 +165,34 @@ def _plot_overlays(folder: Path, shown: list[ImageResult], rows: np.ndarray, col
     low = min(float(m.min()) for m in maps)
     high = max(float(m.max()) for m in maps)
     high = high if high > low else low + 1.0
-    plt = _pyplot()
     for rank, (result, score_map) in enumerate(zip(shown, maps), start=1):
-        scale = min(1.0, MAX_OVERLAY_SIDE / max(result.image.shape))
-        size = (max(1, round(result.image.shape[1] * scale)), max(1, round(result.image.shape[0] * scale)))
-        dpi = 100
-        figure = plt.figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
-        ax = figure.add_axes((0, 0, 1, 1))
-        ax.set_axis_off()
-        ax.imshow(_resize(result.image, size, Image.Resampling.BOX), cmap="gray", vmin=0, vmax=1,
-                  interpolation="nearest")
-        ax.imshow(_resize(score_map, size, Image.Resampling.BOX), cmap=OVERLAY_CMAP, vmin=low, vmax=high,
-                  alpha=OVERLAY_ALPHA, interpolation="nearest")
-        if result.mask is not None and result.mask.any():
-            mask = _resize(result.mask.astype(np.float32), size, Image.Resampling.NEAREST)
-            ax.contour(mask, levels=[0.5], colors="lime", linewidths=1.5)
-        ax.text(0.01, 0.99, f"#{rank}  score {result.score:.4g}  label {result.label}\n"
-                f"{Path(result.path).name}\nheat scale {low:.4g} .. {high:.4g}",
-                transform=ax.transAxes, va="top", ha="left", fontsize=9, color="white",
-                bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "none"})
-        _save_figure(figure, folder / f"{rank:02d}-{_safe_name(Path(result.path).stem)}.png", dpi=dpi)
+        caption = (f"#{rank}  score {result.score:.4g}  label {result.label}\n"
+                   f"{Path(result.path).name}\nheat scale {low:.4g} .. {high:.4g}")
+        save_overlay(folder / f"{rank:02d}-{_safe_name(Path(result.path).stem)}.png", result.image, score_map,
+                     low, high, caption, result.mask)
+
+
+def save_overlay(path: Path, image: np.ndarray, score_map: np.ndarray, low: float, high: float, caption: str,
+                 mask: np.ndarray | None = None) -> None:
+    """One heat-map overlay PNG (written atomically): `score_map` (image-sized) on the colour scale
+    low..high over the gray `image`, shrunk to MAX_OVERLAY_SIDE px on its long side, with `caption`
+    top left and the outline of `mask` (if any) in green."""
+    plt = _pyplot()
+    scale = min(1.0, MAX_OVERLAY_SIDE / max(image.shape))
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    dpi = 100
+    figure = plt.figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    ax = figure.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    ax.imshow(_resize(image, size, Image.Resampling.BOX), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(_resize(score_map, size, Image.Resampling.BOX), cmap=OVERLAY_CMAP, vmin=low, vmax=high,
+              alpha=OVERLAY_ALPHA, interpolation="nearest")
+    if mask is not None and mask.any():
+        ax.contour(_resize(mask.astype(np.float32), size, Image.Resampling.NEAREST), levels=[0.5], colors="lime",
+                   linewidths=1.5)
+    ax.text(0.01, 0.99, caption, transform=ax.transAxes, va="top", ha="left", fontsize=9, color="white",
+            bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "none"})
+    _save_figure(figure, path, dpi=dpi)
 
 
 def _resize(array: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:

@@ -103,10 +103,21 @@ class GlobalScorer:
             raise ConfigError(f"k={self.k} exceeds the {len(self.bank)} windows of the bank")
 
     @torch.inference_mode()
+    def score_windows(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Score of each of K windows (embeddings K x D): the mean distance to its k nearest bank windows.
+
+        Returns K float32 values on the scorer's device; windows are scored independently, so a
+        slide can be scored batch by batch as its windows are encoded.
+        """
+        queries = embeddings.to(self.device, torch.float32)
+        if len(queries) == 0:
+            return torch.zeros(0, device=self.device)
+        return knn_distances(queries, self.bank, self.norms, self.k, self.chunk).mean(-1)
+
+    @torch.inference_mode()
     def score(self, embeddings: torch.Tensor, foreground: torch.Tensor) -> ImageScore:
         foreground = foreground.to(self.device)
-        test = embeddings.to(self.device, torch.float32)[foreground]
-        nearest = knn_distances(test, self.bank, self.norms, self.k, self.chunk).mean(-1)
+        nearest = self.score_windows(embeddings.to(self.device)[foreground])
         distances = torch.zeros(foreground.shape, device=self.device)
         distances[foreground] = nearest
         return _result(distances, foreground, self.top)

@@ -1,0 +1,99 @@
+"""`swssl-bench`: throughput, latency and memory of every path, side by side with the official way.
+
+    swssl-bench --device cpu --out bench/reports          # make bench: about 5 minutes on 2 cores
+    python -m swssl.bench.cli --device cuda --backbone wide_resnet50_2 --backbone resnet18   # bench/gpu.sh
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from swssl.bench import session
+
+
+def _list(kind: type):
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None):
+        if value is None:
+            return None
+        try:
+            items = [kind(part) for part in value.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, not {value!r}") from None
+        if not items:
+            raise click.BadParameter("expected at least one value")
+        return items
+    return parse
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to measure (auto: cuda when there is one). Defaults below depend on it.")
+@click.option("--backbone", "backbones", multiple=True, type=click.Choice(["resnet18", "resnet50", "wide_resnet50_2"]),
+              help="Encoder(s) to measure, repeatable [default: resnet18; wide_resnet50_2 is the paper's "
+                   "(about 40 windows/s on 2 CPU cores)].")
+@click.option("--backends", callback=_list(str), help="Comma list of torch, torch-compiled, onnxruntime, aoti, "
+              "tensorrt [default: cpu torch,onnxruntime,aoti; cuda torch,onnxruntime,aoti,tensorrt; unavailable "
+              "ones are listed as skipped].")
+@click.option("--precisions", callback=_list(str), help="Torch eager precisions [default: cpu fp32,bf16; cuda "
+              "fp32,bf16,fp16].")
+@click.option("--export-precisions", callback=_list(str), help="AOTInductor / TensorRT precisions [default: cpu fp32; "
+              "cuda fp16]. ONNX Runtime always runs the float32 ONNX file.")
+@click.option("--batches", callback=_list(int), help="Encoder batch sizes [default: cpu 1,4,16,64,256; cuda "
+              "1,8,32,128,512].")
+@click.option("--e2e-batch", type=click.IntRange(1), help="Runner batch size end to end [default: 256].")
+@click.option("--slides", type=click.IntRange(1), help="DBT-sized slices end to end [default: cpu 8, cuda 16].")
+@click.option("--bank-images", type=click.IntRange(1), help="Normal images in the memory bank [default: cpu 4, cuda 8].")
+@click.option("--data", default=None, help="Slices from: auto (the demo data when here or buildable, else "
+              "synthetic), demo, synthetic, or a dataset folder/manifest (its test split) [default: auto].")
+@click.option("--slide-size", type=click.IntRange(128), help="Side of the generated native slide in px "
+              "[default: cpu 4096, cuda 8192].")
+@click.option("--official-windows", type=click.IntRange(1), help="Windows timed the official way "
+              "[default: cpu 200, cuda 300].")
+@click.option("--warmup", type=click.IntRange(0), help="Untimed calls before each measurement.")
+@click.option("--repeats", type=click.IntRange(1), help="Timed repetitions (at least) per measurement.")
+@click.option("--min-seconds", type=click.FloatRange(0), help="Keep repeating short calls until this much time.")
+@click.option("--peak-size", type=click.IntRange(16), help="n of the n x n matmul that measures the peak.")
+@click.option("--budget", type=click.FloatRange(0), default=0, show_default=True,
+              help="Seconds after which steps not yet started are skipped (0: no limit).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/reports"),
+              show_default=True, help="Report folder: <device>-<date>.md, .json, .png.")
+@click.option("--name", help="Report file stem instead of <device>-<date>.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path),
+              help="Scratch folder (runs, exports, images) [default: a temporary one, removed at the end].")
+@click.option("--keep-work", is_flag=True, help="Keep the temporary scratch folder.")
+@click.option("--smoke", is_flag=True, help="Tiny geometry and counts: checks the harness in seconds (numbers meaningless).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def bench(device: str, backbones: tuple[str, ...], smoke: bool, out: Path, **given) -> None:
+    """Benchmark the encoder paths, the runner end to end and the official way on this machine; write a report."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException(f"--device cuda: no CUDA device visible to torch {torch.__version__}")
+    unknown = [b for b in given["backends"] or [] if b not in session.BACKENDS]
+    if unknown:
+        raise click.BadParameter(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(session.BACKENDS)}",
+                                 param_hint="--backends")
+    for name in ("precisions", "export_precisions"):
+        wrong = [p for p in given[name] or [] if p not in session.PRECISIONS]
+        if wrong:
+            raise click.BadParameter(f"unknown precision(s) {', '.join(wrong)}; choose from "
+                                     f"{', '.join(session.PRECISIONS)}", param_hint=f"--{name.replace('_', '-')}")
+    command = "swssl-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    options = session.make_options(torch.device(device), out, smoke=smoke, backbones=list(backbones) or None,
+                                   command=command, **given)
+    result, written = session.run(options)
+    for line in result.get("headline", []):
+        click.echo(line)
+    click.echo("report: " + ", ".join(str(p) for p in written))
+    problems = result["errors"] + [e for m in result["models"] for e in m["errors"]]
+    if problems:
+        click.echo(f"{len(problems)} step(s) failed (see the report)", err=True)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    bench()

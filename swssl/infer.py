@@ -1,0 +1,665 @@
+"""The tiling runner behind `swssl-infer`: score many slides of any size against a saved memory bank.
+
+A slide is a 2-D image or one frame of a multi-frame file (a DBT volume: every frame is scored;
+the volume's score is the max over its frames and the frame that gave it is reported).
+
+Two geometries (the run's `geometry.inference` decides, `--scale` forces "native"):
+- "resize": the run's own: the frame is resized to the training size exactly as swssl-eval does
+  (`datasets.resize_antialiased`), embedded with `embed.embed_image` and scored by the scorer, so
+  the scores equal swssl-eval's. The frame is held in memory (refused above MAX_RESIZE_PIXELS).
+- "native": windows cut from the full-resolution grid (times `--scale` = 1/k), streamed strip by
+  strip with bounded memory (`swssl.stream`); per-window scoring (`global`).
+
+Outputs in OUT_DIR, each slide's written as soon as it is done: `scores.csv` and `scores.jsonl`
+get one line each, appended by a single write + fsync (a crash can at worst leave a truncated last
+line, which --resume drops); with heatmaps, `heatmaps/<name>.png` (overlay) and `.npy` (the R x C
+float32 window-score map, NaN = background), written atomically; `index.html` (swssl.gallery) is
+rewritten at the end, also after an error or Ctrl-C. The jsonl starts each invocation with a
+"run" record (configuration, backend, scorer); later lines for the same (path, frame) supersede
+earlier ones (a retried error, a slide redone after a crash).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import inspect
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from swssl import readers
+from swssl.bank import MemoryBank
+from swssl.config import Config
+from swssl.errors import ConfigError, ImageReadError, SwsslError
+
+SCORES_CSV = "scores.csv"
+SCORES_JSONL = "scores.jsonl"
+HEATMAPS = "heatmaps"
+COLUMNS = ("path", "frame", "score", "windows_scored", "windows_skipped", "seconds", "status", "best_frame",
+           "message")
+MAX_RESIZE_PIXELS = 1 << 28  # a frame this large (1 GiB as float32) is not resized in memory: use --scale
+VOLUME = "volume"
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    backend: Any  # backend(windows N x 1 x P x P on backend.device) -> N x D; .name, .device
+    config: Config
+    bank: MemoryBank
+    digest: str
+    run_dir: Path
+    source: Path
+
+
+def run_directory(model: str | Path) -> Path:
+    """The run directory of `--model`: itself when a folder; for an artifact file, the folder above
+    its `export/` folder (RUN_DIR/export/.../model.onnx), else the folder holding the file."""
+    model = Path(model)
+    if model.is_dir():
+        return model
+    for parent in model.parents:
+        if parent.name == "export":
+            return parent.parent
+    return model.parent
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to torch here (use --device cpu)")
+    return device
+
+
+def load_model(model: str | Path, kind: str = "auto", device: str | torch.device = "auto",
+               precision: str | None = None) -> LoadedModel:
+    """Backend, configuration and memory bank of a run directory or artifact, checked against each other."""
+    from swssl.backends import load_backend
+
+    model = Path(model)
+    if not model.exists():
+        raise ConfigError(f"{model}: no such run directory or artifact")
+    options = {}
+    if precision is not None:
+        if "precision" not in inspect.signature(load_backend).parameters:
+            raise ConfigError("--precision: the backends of this installation take no precision setting; "
+                              "export an artifact at the precision wanted (swssl-export --precision) and pass it")
+        options["precision"] = precision
+    backend, config = load_backend(model, kind, resolve_device(device), **options)
+    run_dir = run_directory(model)
+    digest = _encoder_digest(backend, run_dir)
+    bank = MemoryBank.load(run_dir, config=config, encoder_digest=digest)
+    return LoadedModel(backend, config, bank, digest, run_dir, model)
+
+
+def _encoder_digest(backend: Any, run_dir: Path) -> str:
+    """The weight digest of the encoder behind `backend`: from the backend when it knows it, else
+    from the encoder it wraps, else from the run's checkpoint."""
+    for name in ("digest", "encoder_digest", "weights_digest"):
+        value = getattr(backend, name, None)
+        if isinstance(value, str) and value:
+            return value
+    manifest = getattr(backend, "manifest", None)
+    if isinstance(manifest, dict):
+        value = (manifest.get("source") or {}).get("weights_digest")
+        if isinstance(value, str) and value:
+            return value
+    from swssl.checkpoint import load_encoder, weights_digest
+    from swssl.model import PatchEncoder
+
+    encoder = getattr(backend, "encoder", None)
+    if isinstance(encoder, PatchEncoder):
+        return weights_digest(encoder)
+    return weights_digest(load_encoder(run_dir)[0])
+
+
+# --- slides ------------------------------------------------------------------------------------
+
+
+def _is_image_file(path: Path) -> bool:
+    """A file a folder or glob contributes: a supported suffix, or DICOM by its magic under any name."""
+    if path.name.startswith(".") or not path.is_file():
+        return False
+    if path.suffix.lower() in readers.SUPPORTED_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _folder_images(folder: Path, exclude: str | None = None) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.abspath(os.path.join(root, d)) != exclude)
+        found += [Path(root) / name for name in sorted(files) if _is_image_file(Path(root) / name)]
+    return found
+
+
+def find_slides(arguments: Iterable[str | Path], exclude: str | Path | None = None,
+                ) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files to score, in order, without duplicates; and (argument, problem) for arguments that give none.
+
+    A file named on the command line is always tried (an unsupported one becomes an error row);
+    folders are searched recursively and globs expanded, keeping only supported images (by suffix,
+    or DICOM by its magic bytes whatever the name) and skipping hidden files and the folder
+    `exclude` (the output folder, whose overlays are no slides).
+    """
+    exclude = None if exclude is None else os.path.abspath(exclude)
+    files: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    seen: set[str] = set()
+
+    def add(path: Path) -> None:
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            files.append(Path(key))
+
+    for argument in arguments:
+        text = os.path.expanduser(str(argument))
+        path = Path(text)
+        if path.is_dir():
+            found = _folder_images(path, exclude)
+            if not found:
+                problems.append((str(argument), "folder holds no supported image "
+                                 f"({', '.join(sorted(readers.SUPPORTED_SUFFIXES))} or DICOM)"))
+            for item in found:
+                add(item)
+        elif path.exists():
+            add(path)
+        elif glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            found = []
+            for match in map(Path, matches):
+                if exclude is not None and os.path.abspath(match).startswith(exclude + os.sep):
+                    continue
+                found += _folder_images(match, exclude) if match.is_dir() else [match] if _is_image_file(match) else []
+            if not found:
+                problems.append((str(argument), "no supported image matches this pattern"))
+            for item in found:
+                add(item)
+        else:
+            problems.append((str(argument), "file not found"))
+    return files, problems
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _error_message(exc: BaseException) -> str:
+    if isinstance(exc, ImageReadError):
+        return _one_line(exc.reason)
+    if isinstance(exc, SwsslError):
+        return _one_line(str(exc))
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a line left without its newline by a crash, so the next append starts on a fresh line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        data = handle.read()
+        handle.truncate(data.rfind(b"\n") + 1)
+
+
+def _append(fd: int, text: str) -> None:
+    data = text.encode("utf-8")
+    while data:
+        data = data[os.write(fd, data):]
+    os.fsync(fd)
+
+
+def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The latest jsonl record of each (path, frame) in OUT_DIR/scores.jsonl, in first-seen order."""
+    path = Path(out_dir) / SCORES_JSONL
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("type") == "slide":
+                path_key, frame = str(record.get("path")), record.get("frame")
+                if frame is not None:  # a frame's result supersedes an earlier "cannot open" of its file
+                    latest.pop((path_key, "None"), None)
+                latest[(path_key, str(frame))] = record
+    return list(latest.values())
+
+
+def read_runs(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The "run" records of OUT_DIR/scores.jsonl, oldest first."""
+    path = Path(out_dir) / SCORES_JSONL
+    runs = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("type") == "run":
+                runs.append(record)
+    return runs
+
+
+def read_finished(out_dir: str | Path) -> dict[tuple[str, str], dict[str, str]]:
+    """(path, frame) -> csv row, for the rows of OUT_DIR/scores.csv with status ok (complete lines only)."""
+    path = Path(out_dir) / SCORES_CSV
+    done: dict[tuple[str, str], dict[str, str]] = {}
+    if not path.is_file():
+        return done
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]  # a truncated last line is not a result
+    for row in csv.DictReader(io.StringIO(text)):
+        key = (row.get("path") or "", row.get("frame") or "")
+        if row.get("status") == "ok":
+            done[key] = row
+        else:
+            done.pop(key, None)  # a later error supersedes (a retried slide that failed again)
+    return done
+
+
+# The settings a resumed run must share with the results already in OUT_DIR.
+_RESUME_KEYS = ("encoder_digest", "scorer", "scorer_options", "geometry", "scale")
+
+
+class ResultLog:
+    """scores.csv and scores.jsonl in OUT_DIR, one appended, fsynced line per result."""
+
+    def __init__(self, out_dir: Path, header: dict[str, Any], resume: bool):
+        self.out_dir = out_dir
+        self.csv_path, self.jsonl_path = out_dir / SCORES_CSV, out_dir / SCORES_JSONL
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            for path in (self.csv_path, self.jsonl_path):
+                _drop_partial_line(path)
+            runs = read_runs(out_dir)
+            if runs:
+                _check_resumable(out_dir, runs[-1], header)
+            self.finished = read_finished(out_dir)
+        else:
+            for path in (self.csv_path, self.jsonl_path, out_dir / "index.html"):
+                path.unlink(missing_ok=True)
+            heatmaps = out_dir / HEATMAPS
+            if heatmaps.is_dir():
+                for stale in [*heatmaps.glob("*.png"), *heatmaps.glob("*.npy")]:
+                    stale.unlink()
+            self.finished = {}
+        new_csv = not self.csv_path.is_file() or self.csv_path.stat().st_size == 0
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        self._csv = os.open(self.csv_path, flags, 0o644)
+        self._jsonl = os.open(self.jsonl_path, flags, 0o644)
+        if new_csv:
+            _append(self._csv, _csv_line(COLUMNS))
+        _append(self._jsonl, json.dumps({"type": "run", **header}, default=_json_default) + "\n")
+
+    def write(self, record: dict[str, Any]) -> None:
+        """One result: jsonl first, then the csv line that marks it done for --resume."""
+        _append(self._jsonl, json.dumps({"type": "slide", **record}, default=_json_default) + "\n")
+        _append(self._csv, _csv_line(_csv_values(record)))
+
+    def close(self) -> None:
+        for fd in (self._csv, self._jsonl):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _check_resumable(out_dir: Path, earlier: dict[str, Any], header: dict[str, Any]) -> None:
+    differences = [f"{key} {earlier.get(key)!r} then, {header.get(key)!r} now" for key in _RESUME_KEYS
+                   if json.loads(json.dumps(earlier.get(key), default=_json_default))
+                   != json.loads(json.dumps(header.get(key), default=_json_default))]
+    if differences:
+        raise ConfigError(f"{out_dir}: --resume would mix scores made differently ({'; '.join(differences)}); "
+                          "use another --out, or drop --resume to start over")
+
+
+def _csv_line(values: Sequence[Any]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    return buffer.getvalue()
+
+
+def _csv_values(record: dict[str, Any]) -> list[str]:
+    score = record.get("score")
+    seconds = record.get("seconds")
+    return [record.get("path", ""), "" if record.get("frame") is None else str(record["frame"]),
+            "" if score is None else repr(float(score)), str(record.get("windows_scored", "")),
+            str(record.get("windows_skipped", "")), "" if seconds is None else f"{seconds:.3f}",
+            record.get("status", ""), "" if record.get("best_frame") is None else str(record["best_frame"]),
+            record.get("message", "")]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# --- scoring one frame -------------------------------------------------------------------------
+
+
+@dataclass
+class FrameScore:
+    score: float
+    window_scores: np.ndarray | None  # R x C float32, NaN = background; None: the scorer gives no map
+    scored: int
+    skipped: int
+    grid: tuple[int, int]
+    image: np.ndarray | None  # what the overlay is drawn on (the resized frame, or a thumbnail)
+    rows: np.ndarray  # window starts in `image` pixels
+    cols: np.ndarray
+    patch: float  # window side in `image` pixels
+    to_source: tuple[float, float]  # `image` pixel -> source pixel, per axis
+
+
+@dataclass
+class Settings:
+    geometry: str  # "resize" or "native"
+    scale: float
+    scorer_name: str
+    scorer_options: dict[str, Any]
+    batch_size: int = 256
+    heatmaps: bool = False
+    prefetch: int = 2
+
+
+def score_frame(reader: readers.ImageReader, frame: int, model: LoadedModel, scorer: Any, settings: Settings,
+                progress: Callable[[int], None] | None = None) -> FrameScore:
+    """Score one frame in the settings' geometry."""
+    from swssl.report import MAX_OVERLAY_SIDE
+
+    config, backend = model.config, model.backend
+    height, width = reader.shape
+    if settings.geometry == "resize":
+        from swssl.datasets import resize_antialiased
+        from swssl.embed import embed_image
+        from swssl.geometry import grid
+
+        g = config.geometry
+        if height * width > MAX_RESIZE_PIXELS:
+            raise ConfigError(f"frame of {height} x {width} px is too large to resize in memory; "
+                              "score it natively with --scale (e.g. --scale 1 or 0.5)")
+        image = resize_antialiased(reader.read(frame=frame), g.height, g.width)  # = datasets.load_resized
+        embeddings, foreground = embed_image(backend, image, config, settings.batch_size, backend.device)
+        result = scorer.score(embeddings, foreground)
+        rows, cols = grid(g)
+        scored = int(foreground.sum())
+        maps = None if result.window_scores is None else result.window_scores.numpy().astype(np.float32)
+        return FrameScore(result.score, maps, scored, foreground.numel() - scored, (len(rows), len(cols)),
+                          image if settings.heatmaps else None, rows, cols, g.patch,
+                          (height / g.height, width / g.width))
+    from swssl.stream import score_native
+
+    bank_grid = tuple(model.bank.foreground.shape[1:])
+    native = score_native(reader, frame, backend, scorer, config, scale=settings.scale,
+                          batch_size=settings.batch_size, device=backend.device, prefetch=settings.prefetch,
+                          thumbnail_side=MAX_OVERLAY_SIDE if settings.heatmaps else None, bank_grid=bank_grid,
+                          progress=progress)
+    t, k = native.thumbnail_factor, 1 / native.scale
+    return FrameScore(native.score, native.window_scores, native.scored, native.skipped,
+                      (len(native.rows), len(native.cols)), native.thumbnail, native.rows / t, native.cols / t,
+                      native.patch / t, (t * k, t * k))
+
+
+def _top_window(result: FrameScore) -> dict[str, int] | None:
+    maps = result.window_scores
+    if maps is None or np.isnan(maps).all():
+        return None
+    r, c = np.unravel_index(np.nanargmax(maps), maps.shape)
+    sy, sx = result.to_source
+    return {"y": round(result.rows[r] * sy), "x": round(result.cols[c] * sx),
+            "height": round(result.patch * sy), "width": round(result.patch * sx)}
+
+
+def _heatmap_name(path: str, frame: int, frames: int) -> str:
+    from swssl.report import _safe_name
+
+    digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    name = f"{_safe_name(Path(path).stem)[:60]}-{digest}"
+    return name if frames == 1 else f"{name}-f{frame}"
+
+
+def write_heatmap(out_dir: Path, name: str, result: FrameScore, caption: str) -> dict[str, str]:
+    """heatmaps/<name>.npy (the window-score map) and heatmaps/<name>.png (overlay); relative paths."""
+    from swssl.checkpoint import atomic_write
+    from swssl.metrics import pixel_map
+    from swssl.report import save_overlay
+
+    written: dict[str, str] = {}
+    if result.window_scores is None:
+        return written
+    folder = out_dir / HEATMAPS
+    maps = result.window_scores
+
+    def save_npy(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, maps)
+
+    atomic_write(folder / f"{name}.npy", save_npy)
+    written["score_map"] = f"{HEATMAPS}/{name}.npy"
+    if result.image is not None:
+        image = result.image
+        patch = max(1, round(result.patch))
+        rows = np.minimum(np.floor(result.rows).astype(int), image.shape[0] - patch)
+        cols = np.minimum(np.floor(result.cols).astype(int), image.shape[1] - patch)
+        scored = maps[~np.isnan(maps)]
+        low, high = (float(scored.min()), float(scored.max())) if scored.size else (0.0, 1.0)
+        high = high if high > low else low + 1.0
+        heat = pixel_map(maps, rows, cols, patch, image.shape)
+        save_overlay(folder / f"{name}.png", image, heat, low, high, f"{caption}\nheat scale {low:.4g} .. {high:.4g}")
+        written["heatmap"] = f"{HEATMAPS}/{name}.png"
+    return written
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    gallery: Path | None = None
+    scored: int = 0  # frames scored by this invocation
+    resumed: int = 0  # files whose results were already complete (--resume)
+    windows: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (path, frame, message)
+
+    @property
+    def windows_per_second(self) -> float:
+        return self.windows / self.seconds if self.seconds > 0 else 0.0
+
+
+def choose_settings(config: Config, scorer: str | None, scorer_options: dict[str, dict] | None,
+                    scale: float | None, batch_size: int, heatmaps: bool, prefetch: int = 2) -> Settings:
+    """The geometry (run config, or native when `scale` is given), the scorer (default: aligned for
+    resize, global for native) and its options."""
+    from swssl.stream import scale_factor
+
+    geometry = "native" if scale is not None else config.geometry.inference
+    scale = 1.0 if scale is None else 1.0 / scale_factor(scale)
+    name = scorer or ("global" if geometry == "native" else "aligned")
+    options = (scorer_options or {}).get(name, {})
+    if batch_size < 1:
+        raise ConfigError(f"--batch must be at least 1, not {batch_size}")
+    return Settings(geometry, scale, name, dict(options), batch_size, heatmaps, prefetch)
+
+
+def run_inference(slides: Sequence[str | Path], model: LoadedModel, out_dir: str | Path, settings: Settings,
+                  resume: bool = False, progress: bool = True,
+                  echo: Callable[[str], None] | None = None) -> RunSummary:
+    """Score every slide; see the module docstring for what is written where and when."""
+    from tqdm import tqdm
+
+    from swssl.gallery import write_gallery
+    from swssl.scorers import build_scorer
+
+    out_dir = Path(out_dir)
+    files, problems = find_slides(slides, exclude=out_dir)
+    if not files and not problems:
+        raise ConfigError("no slides given")
+    backend = model.backend
+    scorer = build_scorer(settings.scorer_name, model.bank, backend.device, **settings.scorer_options)
+    header = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": str(model.source),
+              "run_dir": str(model.run_dir), "backend": getattr(backend, "name", type(backend).__name__),
+              "device": str(backend.device), "precision": getattr(backend, "precision", None),
+              "backend_reason": getattr(backend, "reason", ""), "encoder_digest": model.digest, "scorer": settings.scorer_name,
+              "scorer_options": settings.scorer_options, "geometry": settings.geometry,
+              "scale": settings.scale, "batch_size": settings.batch_size, "resumed": bool(resume),
+              "config": model.config.to_dict()}
+    log = ResultLog(out_dir, header, resume)
+    summary = RunSummary(out_dir)
+    say = echo or (lambda text: tqdm.write(text, file=sys.stderr))
+    common = {"backend": header["backend"], "device": header["device"], "scorer": settings.scorer_name,
+              "geometry": settings.geometry, "scale": settings.scale}
+
+    def record_error(path: str, frame: Any, message: str, **extra: Any) -> None:
+        log.write({"path": path, "frame": frame, "score": None, "status": "error", "message": message,
+                   **common, **extra})
+        shown = frame not in (None, "", VOLUME) and extra.get("frames", 1) > 1
+        say(f"error: {path}{f' frame {frame}' if shown else ''}: {message}")
+        summary.failures.append((path, str(frame) if shown else "", message))
+
+    if header["backend_reason"]:
+        say(f"backend: {header['backend_reason']}")
+    try:
+        for argument, message in problems:
+            record_error(argument, None, message)
+        bar = tqdm(files, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
+        for path in bar:
+            key = str(path)
+            try:
+                reader = readers.open_image(path, model.config.preprocess.intensity)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:
+                record_error(key, None, _error_message(exc))
+                continue
+            with reader:
+                _score_file(key, reader, model, scorer, settings, log, summary, bar, common, record_error)
+        bar.close()
+    finally:
+        log.close()
+        try:
+            summary.gallery = write_gallery(out_dir, read_results(out_dir), header)
+        except Exception as exc:  # the results themselves are safe; say why the page is missing
+            say(f"error: {out_dir / 'index.html'}: cannot write the gallery ({_error_message(exc)})")
+    return summary
+
+
+def _score_file(key: str, reader: readers.ImageReader, model: LoadedModel, scorer: Any, settings: Settings,
+                log: ResultLog, summary: RunSummary, bar: Any, common: dict[str, Any], record_error) -> None:
+    frames = reader.frames
+    finished = log.finished
+    todo = [f for f in range(frames) if (key, str(f)) not in finished]
+    volume_due = frames > 1 and (key, VOLUME) not in finished
+    if not todo and not volume_due:
+        summary.resumed += 1
+        return
+    scores: dict[int, float] = {f: float(finished[(key, str(f))]["score"]) for f in range(frames)
+                                if (key, str(f)) in finished}
+    totals = {f: (int(finished[(key, str(f))]["windows_scored"] or 0),
+                  int(finished[(key, str(f))]["windows_skipped"] or 0),
+                  float(finished[(key, str(f))]["seconds"] or 0.0)) for f in scores}
+    name = Path(key).name
+    for frame in todo:
+        started = time.perf_counter()
+        label = name if frames == 1 else f"{name} [{frame + 1}/{frames}]"
+        last = [0.0]
+
+        def progress(encoded: int, label: str = label, started: float = started) -> None:
+            now = time.perf_counter()
+            if now - last[0] >= 0.5:
+                last[0] = now
+                bar.set_postfix_str(f"{label}: {encoded / max(now - started, 1e-9):.0f} windows/s", refresh=True)
+
+        bar.set_postfix_str(label, refresh=True)
+        try:
+            result = score_frame(reader, frame, model, scorer, settings, progress)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            record_error(key, frame, _error_message(exc), frames=frames)
+            continue
+        seconds = time.perf_counter() - started
+        record = {"path": key, "frame": frame, "score": float(result.score), "windows_scored": result.scored,
+                  "windows_skipped": result.skipped, "seconds": round(seconds, 3), "status": "ok",
+                  "message": "", "frames": frames, "shape": list(reader.shape), "grid": list(result.grid),
+                  "top_window": _top_window(result), **common}
+        if settings.heatmaps:
+            try:
+                caption = f"score {result.score:.4g}\n{name}" + ("" if frames == 1 else f" frame {frame}")
+                record.update(write_heatmap(log.out_dir, _heatmap_name(key, frame, frames), result, caption))
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # the score stands; say why its picture is missing
+                record["message"] = _one_line(f"no heatmap: {_error_message(exc)}")
+        log.write(record)
+        scores[frame] = float(result.score)
+        totals[frame] = (result.scored, result.skipped, seconds)
+        summary.scored += 1
+        summary.windows += result.scored
+        summary.seconds += seconds
+        bar.set_postfix_str(f"{label}: {result.scored / max(seconds, 1e-9):.0f} windows/s", refresh=True)
+    if volume_due:
+        missing = [f for f in range(frames) if f not in scores]
+        if missing:
+            listed = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            log.write({"path": key, "frame": VOLUME, "score": None, "status": "error", "frames": frames,
+                       "message": f"no volume score: {len(missing)} of {frames} frame(s) failed ({listed})",
+                       **common})
+            return
+        best = max(scores, key=lambda f: (scores[f], -f))
+        log.write({"path": key, "frame": VOLUME, "score": scores[best], "best_frame": best, "status": "ok",
+                   "windows_scored": sum(t[0] for t in totals.values()),
+                   "windows_skipped": sum(t[1] for t in totals.values()),
+                   "seconds": round(sum(t[2] for t in totals.values()), 3), "frames": frames,
+                   "message": f"max over {frames} frames, at frame {best}", **common})
+
+
+def format_summary(summary: RunSummary, limit: int = 5) -> str:
+    """What the command prints at the end: counts, speed, where the results are, the first failures."""
+    lines = [f"scored {summary.scored} slide(s), {summary.windows} windows in {summary.seconds:.1f} s "
+             f"({summary.windows_per_second:.0f} windows/s)"
+             + (f"; {summary.resumed} file(s) already done (--resume)" if summary.resumed else ""),
+             f"results: {summary.out_dir / SCORES_CSV}"]
+    if summary.gallery is not None:
+        lines.append(f"gallery: {summary.gallery}")
+    if summary.failures:
+        lines.append(f"{len(summary.failures)} slide(s) failed:")
+        for path, frame, message in summary.failures[:limit]:
+            lines.append(f"  {path}{f' frame {frame}' if frame else ''}: {message}")
+        if len(summary.failures) > limit:
+            lines.append(f"  ... and {len(summary.failures) - limit} more (status error in {SCORES_CSV})")
+    return "\n".join(lines)

@@ -1,0 +1,336 @@
+"""Streaming a slide of any size through the encoder: strips in, windows cut on the device, bounded memory.
+
+In the spirit of MONAI's `sliding_window_inference`, but for images that never fit in memory.
+`SlideStream` walks one frame of an `ImageReader` row of windows by row of windows:
+
+- A prefetch thread reads the frame in horizontal blocks of source rows (`reader.read((y, 0, h,
+  width), frame)`: lazy tile reads for tiled TIFF/BigTIFF/SVS, slices of a memory map for .npy, of
+  the decoded frame for DICOM/PNG), converts each to a torch tensor (pinned memory on CUDA) and
+  puts it in a bounded queue. Every source row is read once, in order.
+- The main thread uploads each block once (non_blocking), downsamples it on the device when the
+  slide is scaled, and appends it to a rolling device strip, dropping the rows above the current
+  row of windows. The strip holds at most `patch + block_rows` rows.
+- For each row of windows it runs the foreground test, then cuts only the foreground windows
+  out of the strip on the device (`embed.grid_windows`) and hands them out in batches of exactly
+  `batch_size` windows, accumulated across rows in row-major order (the same batches, in the same
+  order, as `embed.embed_image` forms for the whole image held in memory).
+
+Memory: host, about `prefetch + 2` blocks of `block_rows x scale^-1` source rows x width float32
+(32 MiB each by default) plus the reader's own buffers (a DICOM or PNG frame is decoded whole by
+its library); device, the strip, one batch of windows, the encoder and the bank.
+
+Geometry. The windows follow `geometry.grid(config.geometry, H', W')` on the scaled frame
+H' x W' = (H // k) x (W // k) for `scale = 1/k`, k a whole number. Scaling is area averaging: each
+output pixel is the mean of a k x k block of source pixels (`avg_pool2d(frame, k)`; the last
+H mod k rows and W mod k columns are dropped). Blocks of source rows start at multiples of k, so
+the strip-wise downsampling is exactly the downsampling of the whole frame. Other factors are
+refused.
+
+Foreground rule (exactly `geometry.window_max(...) > preprocess.foreground_threshold`, decided on a
+downsampled view): let g be the greatest common divisor of the patch, the frame width W' and every
+window's start column. Every window's left and right edges are then multiples of g, so its maximum
+is the maximum over its P/g column blocks of the block maxima. Each incoming block of rows is
+max-pooled by g along the columns once (1/g of its size, kept beside the strip); a row of windows
+takes the maximum of that view over its P rows and then over each window's P/g blocks. Windows
+whose maximum is not above the threshold are never cut or encoded; they are counted.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from swssl.config import Config
+from swssl.embed import grid_windows
+from swssl.errors import ConfigError, ImageReadError
+from swssl.geometry import grid
+from swssl.readers import ImageReader
+
+BLOCK_BYTES = 1 << 25  # about 32 MiB of float32 source rows per block read by the prefetch thread
+_DONE = object()
+
+
+def scale_factor(scale: float) -> int:
+    """The whole number k with scale == 1/k (1, 0.5, 0.25, 0.2, ...); ConfigError for other factors."""
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or not 0 < scale <= 1:
+        raise ConfigError(f"--scale must be 1/k for a whole number k >= 1 (1, 0.5, 0.25, ...), not {scale!r}")
+    k = round(1 / scale)
+    if abs(1 / scale - k) > 1e-6 * k:
+        raise ConfigError(f"--scale {scale} is not 1/k for a whole number k: the slide is downsampled by "
+                          "averaging k x k pixel blocks, so use 1, 0.5, 0.25, 0.2, 0.125, ...")
+    return k
+
+
+def scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    """Size of a frame of `shape` after downsampling by `scale` = 1/k (remainder rows / columns dropped)."""
+    k = scale_factor(scale)
+    return shape[0] // k, shape[1] // k
+
+
+def native_grid(shape: tuple[int, int], config: Config, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Window start rows and columns of a frame of `shape` cut natively at `scale`; ConfigError if too small."""
+    height, width = scaled_shape(shape, scale)
+    patch = config.geometry.patch
+    if min(height, width) < patch:
+        raise ConfigError(f"the frame is {shape[0]} x {shape[1]} px ({height} x {width} at scale {scale:g}), "
+                          f"smaller than one {patch} px window")
+    return grid(config.geometry, height, width)
+
+
+@dataclass
+class WindowBatch:
+    """Foreground windows (K x 1 x P x P float32 on the device) and their grid positions (K each, on the device)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    windows: torch.Tensor
+
+
+class SlideStream:
+    """One frame of a reader, streamed as batches of foreground windows (see the module docstring).
+
+    After iterating `batches()` to the end: `foreground` (R x C bool, numpy) tells which windows
+    were encoded, `scored` / `skipped` count them, and `thumbnail` (when `thumbnail_side` was
+    given) is the frame downsampled by `thumbnail_factor` (area mean) for overlays.
+    """
+
+    def __init__(self, reader: ImageReader, frame: int, config: Config, *, scale: float = 1.0,
+                 device: str | torch.device = "cpu", prefetch: int = 2, block_rows: int | None = None,
+                 thumbnail_side: int | None = None):
+        self.reader, self.frame, self.config = reader, frame, config
+        self.k = scale_factor(scale)
+        self.scale = 1.0 / self.k
+        self.device = torch.device(device)
+        self.prefetch = max(1, int(prefetch))
+        self.patch = config.geometry.patch
+        self.threshold = float(config.preprocess.foreground_threshold)
+        self.rows, self.cols = native_grid(tuple(reader.shape), config, scale)
+        self.shape = scaled_shape(tuple(reader.shape), scale)
+        height, width = self.shape
+        self.want_thumbnail = bool(thumbnail_side)
+        self.thumbnail_factor = 1 if not thumbnail_side else max(1, math.ceil(max(height, width) / thumbnail_side))
+        if block_rows is None:  # scaled rows per block: at least a window, about BLOCK_BYTES of source rows
+            block_rows = max(self.patch, BLOCK_BYTES // (4 * width * self.k * self.k))
+        t = self.thumbnail_factor
+        self.block_rows = max(1, math.ceil(int(block_rows) / t)) * t  # blocks align to the thumbnail's pixels
+        # Column pooling width: every window edge (start, start + P) and the width are multiples of it.
+        self.pool = reduce(math.gcd, [int(c) for c in self.cols], math.gcd(self.patch, width))
+        self.foreground = np.zeros((len(self.rows), len(self.cols)), dtype=bool)
+        self.scored = self.skipped = 0
+        self.thumbnail: np.ndarray | None = None
+
+    @property
+    def windows(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    # --- the prefetch thread ---------------------------------------------------------------------
+
+    def _spans(self) -> list[tuple[int, int]]:
+        """Source row ranges of the blocks, top to bottom, covering the scaled frame's rows."""
+        height = self.shape[0]
+        return [(y * self.k, min(y + self.block_rows, height) * self.k) for y in range(0, height, self.block_rows)]
+
+    def _read_blocks(self, spans: list[tuple[int, int]], out: queue.Queue, stop: threading.Event) -> None:
+        width = self.shape[1] * self.k
+        pin = self.device.type == "cuda"
+
+        def put(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for y0, y1 in spans:
+                if stop.is_set():
+                    return
+                block = torch.from_numpy(self.reader.read((y0, 0, y1 - y0, width), self.frame))
+                if not put(block.pin_memory() if pin else block):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # handed to the main thread, which raises it there
+            put(exc)
+
+    # --- the main thread -------------------------------------------------------------------------
+
+    def _upload(self, block: torch.Tensor) -> torch.Tensor:
+        block = block.to(self.device, non_blocking=True)
+        if self.k > 1:
+            block = F.avg_pool2d(block[None, None], self.k)[0, 0]
+        return block
+
+    @torch.inference_mode()
+    def batches(self, batch_size: int = 256) -> Iterator[WindowBatch]:
+        """Batches of exactly `batch_size` foreground windows (the last one smaller), in row-major order."""
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, not {batch_size}")
+        patch, pool, device = self.patch, self.pool, self.device
+        spans = self._spans()
+        blocks: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        reader_thread = threading.Thread(target=self._read_blocks, args=(spans, blocks, stop), daemon=True,
+                                         name="swssl-prefetch")
+        reader_thread.start()
+        thumbs: list[torch.Tensor] = []
+
+        def next_block() -> torch.Tensor | None:
+            item = blocks.get()
+            if item is _DONE:
+                return None
+            if isinstance(item, BaseException):
+                raise item
+            block = self._upload(item)
+            if self.want_thumbnail:
+                t = self.thumbnail_factor
+                thumbs.append(block if t == 1 else F.avg_pool2d(block[None, None], t, ceil_mode=True)[0, 0])
+            return block
+
+        col_blocks = torch.as_tensor(self.cols // pool, device=device)
+        strip = torch.zeros((0, self.shape[1]), device=device)
+        pooled = torch.zeros((0, self.shape[1] // pool), device=device)  # strip max-pooled by `pool` along columns
+        bottom = 0  # scaled rows received so far; the strip holds rows [bottom - len(strip), bottom)
+        pending: list[WindowBatch] = []
+        count = 0
+        try:
+            for r, y in enumerate(self.rows.tolist()):
+                keep = min(len(strip), bottom - y) if bottom > y else 0  # drop the rows above this row of windows
+                strip, pooled = strip[len(strip) - keep:], pooled[len(pooled) - keep:]
+                while bottom < y + patch:
+                    block = next_block()
+                    if block is None:
+                        raise ImageReadError(self.reader.path, "the frame ended before its last row of windows")
+                    bottom += len(block)
+                    skip = max(0, y - (bottom - len(block)))  # rows of a block above the window row (step > patch)
+                    if skip < len(block):
+                        block = block[skip:]
+                        strip = torch.cat([strip, block])
+                        pooled = torch.cat([pooled, block.view(len(block), -1, pool).amax(-1)])
+                top = bottom - len(strip)
+                band = y - top  # the window row's first row in the strip
+                row_max = pooled[band:band + patch].amax(0)  # (W'/pool,)
+                window_max = row_max.unfold(0, patch // pool, 1)[col_blocks].amax(-1)  # (C,)
+                wanted = (window_max > self.threshold).nonzero().squeeze(1)
+                fg_row = np.zeros(len(self.cols), dtype=bool)
+                fg_row[wanted.cpu().numpy()] = True
+                self.foreground[r] = fg_row
+                start = 0
+                while start < len(wanted):
+                    take = wanted[start:start + batch_size - count]
+                    start += len(take)
+                    zeros = torch.zeros_like(take)
+                    windows = grid_windows(strip[band:band + patch], np.zeros(1, dtype=np.int64), self.cols,
+                                           patch, zeros, take)
+                    pending.append(WindowBatch(torch.full_like(take, r), take, windows))
+                    count += len(take)
+                    if count == batch_size:
+                        yield _concat(pending)
+                        pending, count = [], 0
+            if pending:
+                yield _concat(pending)
+            while next_block() is not None:  # the rows below the last window row (thumbnail only)
+                pass
+            self.scored = int(self.foreground.sum())
+            self.skipped = self.windows - self.scored
+            if thumbs:
+                self.thumbnail = torch.cat(thumbs).float().cpu().numpy()
+        finally:
+            stop.set()
+            reader_thread.join(timeout=5)
+
+
+def _concat(parts: list[WindowBatch]) -> WindowBatch:
+    if len(parts) == 1:
+        return parts[0]
+    return WindowBatch(torch.cat([p.rows for p in parts]), torch.cat([p.cols for p in parts]),
+                       torch.cat([p.windows for p in parts]))
+
+
+@dataclass
+class NativeScore:
+    """A frame scored in native geometry. Window positions are in pixels of the scaled frame."""
+
+    score: float
+    window_scores: np.ndarray | None  # R x C float32, NaN = background (not scored); None: scorer has no map
+    foreground: np.ndarray  # R x C bool
+    rows: np.ndarray
+    cols: np.ndarray
+    patch: int
+    scale: float
+    shape: tuple[int, int]  # the scaled frame, H' x W'
+    scored: int
+    skipped: int
+    thumbnail: np.ndarray | None  # the scaled frame downsampled by thumbnail_factor, or None
+    thumbnail_factor: int
+
+
+def score_native(reader: ImageReader, frame: int, encode, scorer, config: Config, *, scale: float = 1.0,
+                 batch_size: int = 256, device: str | torch.device | None = None, prefetch: int = 2,
+                 block_rows: int | None = None, thumbnail_side: int | None = None,
+                 bank_grid: tuple[int, int] | None = None, progress=None) -> NativeScore:
+    """Score one frame window by window as it streams in (see the module docstring).
+
+    `encode` maps N x 1 x P x P windows on `device` to N x D embeddings (a backend, or the encoder);
+    `scorer` is a built scorer. A per-window scorer (`global`: `score_windows`) scores each batch as
+    soon as it is encoded, so nothing of size R x C x D is ever held. Scorers that compare grid
+    positions (`aligned`, `reference`) need the run's own grid: with `bank_grid` (the bank's R x C)
+    a different slide grid is refused before any pixel is read; when it matches, the embeddings
+    are gathered into R x C x D (background windows get the all-zero window's embedding, as
+    `embed.embed_image` does) and scored as in swssl-eval.
+    `progress(encoded)` is called after every batch with the number of windows encoded so far.
+    """
+    device = torch.device(device if device is not None else getattr(encode, "device", "cpu"))
+    stream = SlideStream(reader, frame, config, scale=scale, device=device, prefetch=prefetch,
+                         block_rows=block_rows, thumbnail_side=thumbnail_side)
+    rows, cols = len(stream.rows), len(stream.cols)
+    per_window = hasattr(scorer, "score_windows")
+    if not per_window and bank_grid is not None and tuple(bank_grid) != (rows, cols):
+        raise ConfigError(f"the {getattr(scorer, 'name', 'chosen')} scorer compares each window with the bank's "
+                          f"windows at the same grid position, so it needs the run's {bank_grid[0]} x "
+                          f"{bank_grid[1]} grid; this frame in native geometry has a {rows} x {cols} grid: "
+                          "use --scorer global, or the run's resize geometry (no --scale)")
+    encoded = 0
+    with torch.inference_mode():
+        if per_window:
+            distances = torch.full((rows, cols), float("nan"), device=scorer.device)
+        else:
+            empty = encode(torch.zeros(1, 1, stream.patch, stream.patch, device=device)).float()
+            embeddings = empty.expand(rows * cols, -1).clone()
+        batches = stream.batches(batch_size)
+        try:
+            for batch in batches:
+                features = encode(batch.windows).float()
+                if per_window:
+                    distances[batch.rows.to(scorer.device), batch.cols.to(scorer.device)] = \
+                        scorer.score_windows(features)
+                else:
+                    embeddings[batch.rows * cols + batch.cols] = features
+                encoded += len(features)
+                if progress is not None:
+                    progress(encoded)
+        finally:
+            batches.close()  # stops the prefetch thread now, also when encoding failed
+        if per_window:
+            from swssl.scorers import image_score
+
+            foreground = torch.as_tensor(stream.foreground, device=scorer.device)
+            score = image_score(distances, foreground, getattr(scorer, "top", 1))
+            window_scores = distances.cpu().numpy()
+        else:
+            result = scorer.score(embeddings.view(rows, cols, -1), torch.as_tensor(stream.foreground))
+            score = result.score
+            window_scores = None if result.window_scores is None else result.window_scores.numpy()
+    if window_scores is not None:
+        window_scores = window_scores.astype(np.float32, copy=False)
+    return NativeScore(float(score), window_scores, stream.foreground,
+                       stream.rows, stream.cols, stream.patch, stream.scale, stream.shape, stream.scored,
+                       stream.skipped, stream.thumbnail, stream.thumbnail_factor)
