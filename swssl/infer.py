@@ -121,7 +121,8 @@ def _encoder_digest(backend: Any, run_dir: Path) -> str:
     from swssl.model import PatchEncoder
 
     encoder = getattr(backend, "encoder", None)
-    if isinstance(encoder, PatchEncoder):
+    # A backend cast to fp16/bf16 no longer holds the fp32 weights the bank was built from.
+    if isinstance(encoder, PatchEncoder) and all(p.dtype == torch.float32 for p in encoder.parameters()):
         return weights_digest(encoder)
     return weights_digest(load_encoder(run_dir)[0])
 
