@@ -20,6 +20,8 @@ CPU (measured: AUTO_ORDER), and says what it chose and why in `backend.reason`.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,7 @@ class BackendError(SwsslError):
     """A backend that cannot run here (missing runtime, no GPU, no such export)."""
 
 
-class Backend:
+class Backend(ABC):
     """Base class: input conversion, empty batches and splitting above `max_batch`."""
 
     name = "backend"
@@ -70,8 +72,9 @@ class Backend:
             return self._run(windows.contiguous())
         return torch.cat([self._run(chunk.contiguous()) for chunk in windows.split(self.max_batch)])
 
+    @abstractmethod
     def _run(self, windows: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Embeddings of one batch no larger than max_batch, on self.device (each engine runs its own way)."""
 
     def __repr__(self) -> str:
         where = f", artifact={self.artifact}" if self.artifact else ""

@@ -57,12 +57,12 @@ def evaluate(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], con
     results = score_samples(encoder, bank, samples, config, scorers, device, batch_size)
     seconds = time.perf_counter() - started
     rows, cols = grid(config.geometry)
-    summaries = {}
+    summaries, digest = {}, weights_digest(encoder)
     for name, scored in results.items():
         summary = summarise(scored, rows, cols, config.geometry.patch, split, name)
         _attach_images(scored, samples, config, top)
         extra = {"scorer_options": scorers[name], "seconds_all_scorers": seconds,
-                 "encoder_digest": weights_digest(encoder), "config": config.to_dict()}
+                 "encoder_digest": digest, "config": config.to_dict()}
         write_report(out_dir / f"{split}-{name}", scored, summary, rows, cols, config.geometry.patch, top, extra)
         summaries[name] = summary
     return summaries

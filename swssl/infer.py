@@ -235,37 +235,35 @@ def _append(fd: int, text: str) -> None:
     os.fsync(fd)
 
 
-def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The latest jsonl record of each (path, frame) in OUT_DIR/scores.jsonl, in first-seen order."""
+def _jsonl_records(out_dir: str | Path, kind: str) -> list[dict[str, Any]]:
+    """The records of OUT_DIR/scores.jsonl whose "type" is `kind`, oldest first (unparsable lines skipped)."""
     path = Path(out_dir) / SCORES_JSONL
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    records = []
     if path.is_file():
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and record.get("type") == "slide":
-                path_key, frame = str(record.get("path")), record.get("frame")
-                if frame is not None:  # a frame's result supersedes an earlier "cannot open" of its file
-                    latest.pop((path_key, "None"), None)
-                latest[(path_key, str(frame))] = record
+            if isinstance(record, dict) and record.get("type") == kind:
+                records.append(record)
+    return records
+
+
+def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The latest jsonl record of each (path, frame) in OUT_DIR/scores.jsonl, in first-seen order."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in _jsonl_records(out_dir, "slide"):
+        path_key, frame = str(record.get("path")), record.get("frame")
+        if frame is not None:  # a frame's result supersedes an earlier "cannot open" of its file
+            latest.pop((path_key, "None"), None)
+        latest[(path_key, str(frame))] = record
     return list(latest.values())
 
 
 def read_runs(out_dir: str | Path) -> list[dict[str, Any]]:
     """The "run" records of OUT_DIR/scores.jsonl, oldest first."""
-    path = Path(out_dir) / SCORES_JSONL
-    runs = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("type") == "run":
-                runs.append(record)
-    return runs
+    return _jsonl_records(out_dir, "run")
 
 
 def read_finished(out_dir: str | Path) -> dict[tuple[str, str], dict[str, str]]:

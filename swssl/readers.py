@@ -7,6 +7,8 @@ Format libraries are imported where they are used, so this module imports withou
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import operator
 import os
 from pathlib import Path
@@ -51,7 +53,7 @@ def _gray(raw: np.ndarray) -> np.ndarray:
     return work
 
 
-class ImageReader:
+class ImageReader(ABC):
     """An image file opened for region reads of float32 grayscale in [0, 1].
 
     Subclasses set `shape`, `dtype`, `frames` (and `invert` for white-is-zero data) and implement
@@ -74,8 +76,9 @@ class ImageReader:
         self._minmax: dict[int, tuple[float, float]] = {}
         self._closed = False
 
+    @abstractmethod
     def _raw(self, y: int, x: int, h: int, w: int, frame: int) -> np.ndarray:
-        raise NotImplementedError
+        """The raw stored values of one region of one frame (each format reads its own way)."""
 
     def _bits_range(self) -> tuple[float, float]:
         """What "bits" maps to 0..1: every value the stored samples can hold, as _raw returns them."""
