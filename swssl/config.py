@@ -19,6 +19,9 @@ from swssl.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Every supported backbone (torchvision ResNets) maps H x W pixels to H/32 x W/32 feature cells.
+TRUNK_STRIDE = 32
+MODES = ("exact", "dense")
 
 
 @dataclass
@@ -36,6 +39,10 @@ class Geometry:
     # width, as training and swssl-eval do) or "native" (windows cut from the full-resolution grid,
     # for images too large to resize sensibly; swssl-infer --scale F forces it).
     inference: str = "resize"
+    # How window embeddings are computed: "exact" (the trunk runs on each window on its own, as the
+    # official code) or "dense" (the trunk runs once over the image and each window averages the
+    # feature cells it covers: about patch^2 / step^2 times less arithmetic; see swssl/dense.py).
+    mode: str = "exact"
 
 
 @dataclass
@@ -120,6 +127,12 @@ class Config:
             raise ConfigError(f"geometry.step must be positive, not {g.step}")
         if g.inference not in ("resize", "native"):
             raise ConfigError(f"geometry.inference must be 'resize' or 'native', not {g.inference!r}")
+        if g.mode not in MODES:
+            raise ConfigError(f"geometry.mode must be 'exact' or 'dense', not {g.mode!r}")
+        if g.mode == "dense" and (g.patch % TRUNK_STRIDE or g.step % TRUNK_STRIDE):
+            raise ConfigError(f"dense mode needs patch and step to be multiples of the trunk's stride "
+                              f"({TRUNK_STRIDE} px), so that every window covers whole feature cells; "
+                              f"patch {g.patch} and step {g.step} are not: use --mode exact or change them")
         if self.preprocess.intensity not in ("bits", "minmax"):
             raise ConfigError(f"preprocess.intensity must be 'bits' or 'minmax', not {self.preprocess.intensity!r}")
         if self.train.epochs < 1:

@@ -32,12 +32,18 @@ def embed_image(encode: Encode, image: np.ndarray | torch.Tensor, config: Config
                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (R x C x D, float32) and foreground mask (R x C, bool) of every grid window of `image`.
 
+    Exact mode encodes the windows in batches (`encode(windows)`); dense mode runs
+    `encode.feature_map` over the image once and pools each window's cells (swssl/dense.py).
     `image` is a float32 H x W array in [0, 1] at the run's geometry (or any size: the grid
     follows the image). Both results live on `device`.
     """
     device = torch.device(device)
     pixels = torch.as_tensor(image, dtype=torch.float32).to(device)
     g = config.geometry
+    if g.mode == "dense":
+        from swssl.dense import embed_dense
+
+        return embed_dense(encode.feature_map, pixels, config)
     rows, cols = grid(g, *pixels.shape)
     foreground = window_max(pixels, rows, cols, g.patch) > config.preprocess.foreground_threshold
     empty = encode(torch.zeros(1, 1, g.patch, g.patch, device=device)).float()

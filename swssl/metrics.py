@@ -41,15 +41,17 @@ def pixel_map(window_scores: np.ndarray, rows: np.ndarray, cols: np.ndarray, pat
     ys, xs, values = ys[scored], xs[scored], window_scores[scored]
     if values.size == 0:
         return np.zeros(shape, dtype=np.float32)
-    if ys.min() < 0 or xs.min() < 0 or ys.max() + patch > height or xs.max() + patch > width:
-        raise ValueError(f"windows of {patch} px at the given offsets do not fit in {height} x {width}")
+    if ys.min() < 0 or xs.min() < 0 or ys.max() >= height or xs.max() >= width:
+        raise ValueError(f"windows at the given offsets do not start in {height} x {width}")
 
-    # One extra row and column hold the cancellations of windows that end on the border.
+    # One extra row and column hold the cancellations of windows that end on the border; windows
+    # reaching past it (dense mode's zero-padded canvas) are clipped to the image.
     total = np.zeros((height + 1, width + 1))
     count = np.zeros((height + 1, width + 1))
     for dy, dx, sign in ((0, 0, 1), (0, patch, -1), (patch, 0, -1), (patch, patch, 1)):
-        np.add.at(total, (ys + dy, xs + dx), sign * values)
-        np.add.at(count, (ys + dy, xs + dx), sign)
+        corner = (np.minimum(ys + dy, height), np.minimum(xs + dx, width))
+        np.add.at(total, corner, sign * values)
+        np.add.at(count, corner, sign)
     total = total.cumsum(0).cumsum(1)[:height, :width]
     count = np.rint(count.cumsum(0).cumsum(1)[:height, :width])
 

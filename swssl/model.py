@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from swssl.config import Config
+from swssl.config import TRUNK_STRIDE, Config
 from swssl.errors import WeightsError
 
 BACKBONES = ("wide_resnet50_2", "resnet50", "resnet18")
@@ -34,6 +34,7 @@ class PatchEncoder(nn.Module):
         # Everything before avgpool and fc, keeping torchvision's names so its state dicts load as they are.
         self.trunk = nn.Sequential(OrderedDict(list(net.named_children())[:-2]))
         self.dim = net.fc.in_features
+        self.stride = TRUNK_STRIDE
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         # The official projector: Linear -> BatchNorm1d -> ReLU -> Linear, no biases, width = embedding.
@@ -43,8 +44,11 @@ class PatchEncoder(nn.Module):
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         """Embeddings (N x D) of raw windows (N x 1 x P x P, values in [0, 1])."""
-        x = (windows.expand(-1, 3, -1, -1) - self.mean) / self.std
-        return self.trunk(x).mean(dim=(2, 3))
+        return self.feature_map(windows).mean(dim=(2, 3))
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's cells (N x D x H/32 x W/32) of raw images of any size (N x 1 x H x W in [0, 1]): dense mode."""
+        return self.trunk((images.expand(-1, 3, -1, -1) - self.mean) / self.std)
 
     def project(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.projector(embeddings)

@@ -11,6 +11,7 @@ All randomness is torch's, so DataLoader workers are seeded reproducibly.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -49,7 +50,8 @@ class WindowTriplets(Dataset):
     def __init__(self, images: list[Callable[[], np.ndarray]], names: list[str], config: Config):
         self.images, self.names = images, names
         g = config.geometry
-        self.rows, self.cols = grid(g)
+        # Training always cuts whole windows from the image: the mode only changes how they are embedded.
+        self.rows, self.cols = grid(dataclasses.replace(g, mode="exact"))
         self.patch = g.patch
         self.threshold = config.preprocess.foreground_threshold
         self.range = config.train.neighbour_range

@@ -1,0 +1,143 @@
+"""Dense mode: the trunk runs once over the image; a window's embedding is the mean of the cells it covers.
+
+With patch 128 and step 32 every pixel lies in 16 windows, so exact mode (one trunk pass per
+window, as the official code) spends about 16x the arithmetic the image needs. A torchvision
+ResNet trunk maps an H x W image to an H/32 x W/32 map of cells; a window whose corners lie on
+multiples of 32 covers (P/32)^2 cells, and the average of those cells is its dense embedding (the
+exact embedding is the average of the (P/32)^2 cells of the window run on its own). The two differ
+only by context: a dense cell also sees the pixels around its window, up to the trunk's receptive
+field, instead of the zero padding at the window's border.
+
+Geometry. Window starts must be multiples of the trunk's stride, so `geometry.patch` and
+`geometry.step` must be (checked by `Config.validate`). The image is zero-padded at the bottom and
+right to the dense canvas (`canvas_shape`): for the "cover" grid, just enough that the regular
+lattice 0, step, 2 step, ... reaches the border (the same number of windows as exact mode, the
+last row and column shifted into the padding instead of aligned to the border); for "reference",
+to the next multiple of the stride. Padding is zeros, i.e. background.
+
+Tiles. Large images run in tiles whose cores are `tile` px (a multiple of the stride) and whose
+inputs extend `halo` px beyond the core on every side (clipped at the canvas border). A cell
+depends on the input pixels of its receptive field; `halo` is the receptive field's reach beyond
+the cell rounded up to a multiple of the stride (ResNet-18: 435 px field, halo 224; ResNet-50 and
+Wide-ResNet-50-2: 427 px, halo 224), so the cells of a core never see a tile border and the
+stitched map equals the whole-image map (tested to float tolerance).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from swssl.config import TRUNK_STRIDE, Config
+from swssl.geometry import canvas_shape, grid, window_max
+
+FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # N x 1 x H x W in [0, 1] -> N x D x H/s x W/s
+DEFAULT_TILE = 2048  # px of a tile's core: one pass for a 1024 x 768 slice, (2048 + 448)^2 inputs for slides
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """Cell i of the map depends on input pixels [i * stride + start, i * stride + start + size - 1]."""
+
+    size: int
+    stride: int
+    start: int
+
+    @property
+    def halo(self) -> int:
+        """Pixels of context a tile needs beyond its core on each side, rounded up to the stride."""
+        before = -self.start
+        after = self.start + self.size - self.stride
+        return math.ceil(max(before, after, 0) / self.stride) * self.stride
+
+
+def receptive_field(trunk: nn.Module) -> ReceptiveField:
+    """The receptive field of a convolutional trunk, walked layer by layer along its main path.
+
+    Residual shortcuts (`downsample`: a strided 1 x 1 convolution) run in parallel with the
+    block's own convolutions and see less, so they are skipped; a block's field is its main path's.
+    """
+    size, jump, start = 1, 1, 0
+    for name, module in trunk.named_modules():
+        if "downsample" in name.split(".") or not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            continue
+        kernel, stride, padding = (_first(module.kernel_size), _first(module.stride), _first(module.padding))
+        dilation = _first(getattr(module, "dilation", 1))
+        size += (kernel - 1) * dilation * jump
+        start -= padding * jump
+        jump *= stride
+    return ReceptiveField(size, jump, start)
+
+
+def _first(value: int | tuple[int, ...]) -> int:
+    return value if isinstance(value, int) else value[0]
+
+
+@functools.cache
+def halo_for(backbone: str) -> int:
+    """The tile halo of a torchvision backbone's trunk (its structure only: built on the meta device)."""
+    with torch.device("meta"):
+        net = getattr(torchvision.models, backbone)(weights=None)
+    return receptive_field(nn.Sequential(*list(net.children())[:-2])).halo
+
+
+def tiled_feature_map(feature_map: FeatureMap, image: torch.Tensor, halo: int, tile: int = DEFAULT_TILE,
+                      stride: int = TRUNK_STRIDE) -> torch.Tensor:
+    """The trunk's map (D x H/s x W/s) of `image` (H x W, both multiples of s), run in tiles.
+
+    Each tile's core is `tile` px square; its input reaches `halo` px further on each side
+    (clipped at the image border); only the core's cells are kept. With `halo` at least the
+    receptive field's reach the result equals `feature_map` of the whole image.
+    """
+    height, width = image.shape
+    if height % stride or width % stride or tile % stride or halo % stride:
+        raise ValueError(f"image {height} x {width}, tile {tile} and halo {halo} must be multiples of {stride}")
+    if height <= tile and width <= tile:
+        return feature_map(image[None, None])[0]
+    out: torch.Tensor | None = None
+    for y in range(0, height, tile):
+        for x in range(0, width, tile):
+            y0, x0 = max(0, y - halo), max(0, x - halo)
+            y1, x1 = min(height, y + tile + halo), min(width, x + tile + halo)
+            cells = feature_map(image[None, None, y0:y1, x0:x1])[0]
+            core = cells[:, (y - y0) // stride:(min(y + tile, height) - y0) // stride,
+                         (x - x0) // stride:(min(x + tile, width) - x0) // stride]
+            if out is None:
+                out = cells.new_empty((cells.shape[0], height // stride, width // stride))
+            out[:, y // stride:y // stride + core.shape[1], x // stride:x // stride + core.shape[2]] = core
+    assert out is not None
+    return out
+
+
+def pool_windows(cells: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch: int,
+                 stride: int = TRUNK_STRIDE) -> torch.Tensor:
+    """Window embeddings (R x C x D float32): the mean of the cells each window covers.
+
+    `cells` (D x h x w) is the map of a region whose top-left pixel is (0, 0); `rows` / `cols`
+    are the windows' start pixels: multiples of `stride`, evenly spaced (the dense grid).
+    """
+    size = patch // stride
+    step_r = int(rows[1] - rows[0]) // stride if len(rows) > 1 else 1
+    step_c = int(cols[1] - cols[0]) // stride if len(cols) > 1 else 1
+    r0, c0 = int(rows[0]) // stride, int(cols[0]) // stride
+    region = cells[:, r0:r0 + (len(rows) - 1) * step_r + size, c0:c0 + (len(cols) - 1) * step_c + size]
+    return F.avg_pool2d(region[None].float(), size, (step_r, step_c))[0].permute(1, 2, 0)
+
+
+def embed_dense(feature_map: FeatureMap, image: torch.Tensor, config: Config,
+                tile: int = DEFAULT_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense window embeddings (R x C x D float32) and foreground (R x C bool) of `image` (H x W, on its device)."""
+    g = config.geometry
+    height, width = canvas_shape(*image.shape, g)
+    canvas = F.pad(image, (0, width - image.shape[1], 0, height - image.shape[0]))
+    rows, cols = grid(g, *image.shape)
+    foreground = window_max(canvas, rows, cols, g.patch) > config.preprocess.foreground_threshold
+    cells = tiled_feature_map(feature_map, canvas, halo_for(config.model.backbone), tile)
+    return pool_windows(cells, rows, cols, g.patch), foreground
