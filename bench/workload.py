@@ -145,7 +145,7 @@ def make_run(folder: Path, backbone: str, images: Images, device: torch.device, 
              batch_size: int = 256, seed: int = 0) -> Run:
     """A run directory with a random-weight encoder checkpoint and a memory bank of `images.bank`."""
     from swssl.backends import TorchBackend
-    from swssl.bank import BANK, build_bank
+    from swssl.bank import bank_file, build_bank
     from swssl.checkpoint import CHECKPOINT, save_checkpoint, weights_digest
     from swssl.datasets import Sample
     from swssl.model import build_encoder
@@ -165,7 +165,7 @@ def make_run(folder: Path, backbone: str, images: Images, device: torch.device, 
     samples = [Sample(path=path, label=0, split="train") for path in images.bank]
     backend = TorchBackend(copy.deepcopy(encoder), device)
     bank = build_bank(backend, samples, config, digest, batch_size, device)
-    bank.save(folder / BANK)
+    bank.save(bank_file(folder, config.geometry.mode))
     del backend
     return Run(backbone, folder, config, encoder, digest,
                {"checkpoint": checkpoint_seconds, "bank": time.perf_counter() - started})

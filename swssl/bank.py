@@ -21,7 +21,8 @@ from swssl.datasets import Sample, load_resized
 from swssl.embed import Encode, embed_image
 from swssl.errors import SwsslError
 
-BANK = "bank.safetensors"
+BANK = "bank.safetensors"  # exact mode; dense mode's bank lies beside it, so a run can hold both
+DENSE_BANK = "bank-dense.safetensors"
 FORMAT = "swssl-bank/1"
 
 
@@ -48,14 +49,18 @@ class MemoryBank:
 
     @classmethod
     def load(cls, path: str | Path, config: Config | None = None, encoder_digest: str | None = None) -> "MemoryBank":
-        """Load a bank; with `config` / `encoder_digest`, refuse one that does not fit them."""
+        """Load a bank (a file, or a run directory's bank for the config's mode); with `config` /
+        `encoder_digest`, refuse one that does not fit them (another mode included)."""
         from safetensors import safe_open
 
         path = Path(path)
+        mode = config.geometry.mode if config is not None else "exact"
         if path.is_dir():
-            path = path / BANK
+            path = bank_file(path, mode)
         if not path.is_file():
-            raise SwsslError(f"{path}: no memory bank here (build one with swssl-bank RUN_DIR --data DIR)")
+            flag = " --mode dense" if mode == "dense" else ""
+            raise SwsslError(f"{path}: no {mode}-mode memory bank here (build one with swssl-bank RUN_DIR "
+                             f"--data DIR{flag})")
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
@@ -68,6 +73,11 @@ class MemoryBank:
         if config is not None:
             check_compatible(bank, config, encoder_digest, path)
         return bank
+
+
+def bank_file(run_dir: str | Path, mode: str = "exact") -> Path:
+    """Where a run keeps its bank for the given geometry mode."""
+    return Path(run_dir) / (DENSE_BANK if mode == "dense" else BANK)
 
 
 def check_compatible(bank: MemoryBank, config: Config, encoder_digest: str | None, path: Path) -> None:

@@ -59,11 +59,14 @@ def demo_data(out_dir: Path, seed: int) -> None:
 @click.option("--weights", help="Backbone initialisation: imagenet, none, or PATH to a torchvision state dict.")
 @click.option("--workers", type=int, help="DataLoader worker processes.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--mode", type=click.Choice(["exact", "dense"]),
+              help="Geometry mode of the run's memory bank and validation (training itself is the same): "
+                   "exact (default) or dense; see swssl-eval --help.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt with its saved configuration.")
 @friendly_errors
 def train(preset: str, config_file: Path | None, data: Path, out_dir: Path, epochs: int | None,
           batch_size: int | None, lr: float | None, weights: str | None, workers: int | None,
-          device: str, resume: bool) -> None:
+          device: str, mode: str | None, resume: bool) -> None:
     """Train a SWSSL patch encoder on the normal images of the train split.
 
     Example: swssl-train --preset demo --data demo-data --out runs/demo
@@ -72,11 +75,17 @@ def train(preset: str, config_file: Path | None, data: Path, out_dir: Path, epoc
     from swssl.train import train as run_training
 
     config = build_config(preset, config_file, **{"train.batch_size": batch_size, "train.lr": lr,
-                                                   "model.weights": weights, "train.workers": workers})
+                                                   "model.weights": weights, "train.workers": workers,
+                                                   "geometry.mode": mode})
     checkpoint = run_training(config, data, out_dir, device=device, resume=resume, epochs=epochs)
     click.echo(f"checkpoint: {checkpoint}")
 
 
+mode_option = click.option(
+    "--mode", type=click.Choice(["exact", "dense"]),
+    help="How windows are embedded: exact (each window through the encoder on its own, as the paper) or "
+         "dense (the encoder runs once over the image, each window averages the features it covers: "
+         "about 10x faster). Default: the run's own (exact unless trained with --mode dense).")
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 batch_option = click.option("--batch-size", default=256, show_default=True, help="Windows per encoder call.")
 run_dir_argument = click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -88,30 +97,35 @@ data_option = click.option("--data", required=True, type=click.Path(exists=True,
 @run_dir_argument
 @data_option
 @click.option("--fp32", is_flag=True, help="Store the bank in float32 instead of float16 (twice the size).")
+@mode_option
 @device_option
 @batch_option
 @friendly_errors
-def bank(run_dir: Path, data: Path, fp32: bool, device: str, batch_size: int) -> None:
-    """Build RUN_DIR/bank.safetensors: the embeddings of every window of the normal training images.
+def bank(run_dir: Path, data: Path, fp32: bool, mode: str | None, device: str, batch_size: int) -> None:
+    """Build RUN_DIR/bank.safetensors (bank-dense.safetensors with --mode dense): the embeddings of
+    every window of the normal training images.
 
-    Example: swssl-bank runs/demo --data data/demo
+    Example: swssl-bank runs/demo --data data/demo --mode dense
     """
     import torch
 
-    from swssl.bank import BANK, build_bank
+    from swssl.bank import bank_file, build_bank
     from swssl.checkpoint import load_encoder, weights_digest
     from swssl.datasets import discover, select
     from swssl.train import resolve_device
 
     encoder, config = load_encoder(run_dir)
+    config = config.with_mode(mode)
     dev = resolve_device(device)
     samples = select(discover(data), "train", label=0)
     memory = build_bank(encoder.to(dev), samples, config, weights_digest(encoder), batch_size, dev,
                         torch.float32 if fp32 else torch.float16)
-    memory.save(run_dir / BANK)
+    path = bank_file(run_dir, config.geometry.mode)
+    memory.save(path)
     n, r, c, d = memory.embeddings.shape
-    click.echo(f"bank: {run_dir / BANK} ({n} images x {r} x {c} windows x {d} features, "
-               f"{(run_dir / BANK).stat().st_size / 2**20:.1f} MiB)")
+    click.echo(f"bank: {path} ({config.geometry.mode} mode, {n} images x {r} x {c} windows x {d} features, "
+               f"{path.stat().st_size / 2**20:.1f} MiB)")
+
 
 
 @click.command(name="eval")
@@ -125,15 +139,18 @@ def bank(run_dir: Path, data: Path, fp32: bool, device: str, batch_size: int) ->
 @click.option("--coreset", type=float, help="global: keep this share of bank windows (k-center greedy), e.g. 0.1.")
 @click.option("--top-k", "top", default=1, show_default=True, help="Image score = mean of the K highest window scores.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Report folder (default RUN_DIR/eval).")
+              help="Report folder (default RUN_DIR/eval, RUN_DIR/eval-dense in dense mode).")
+@mode_option
 @device_option
 @batch_option
 @friendly_errors
 def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], radius: int, k: int,
-             coreset: float | None, top: int, out_dir: Path | None, device: str, batch_size: int) -> None:
+             coreset: float | None, top: int, out_dir: Path | None, mode: str | None, device: str,
+             batch_size: int) -> None:
     """Score a split against the run's memory bank and report image / pixel AUROC and lesion hits.
 
     Writes eval.json, images.csv, roc.png and heatmap overlays to RUN_DIR/eval/<split>-<scorer>/.
+    Dense mode (--mode dense) needs the run's dense bank (swssl-bank RUN_DIR --data DIR --mode dense).
     Example: swssl-eval runs/demo --data data/demo --split test
     """
     from swssl.bank import MemoryBank
@@ -143,11 +160,12 @@ def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], ra
     from swssl.train import resolve_device
 
     encoder, config = load_encoder(run_dir)
+    config = config.with_mode(mode)
     memory = MemoryBank.load(run_dir, config=config, encoder_digest=weights_digest(encoder))
     dev = resolve_device(device)
     samples = select(discover(data), split)
     options = default_scorer_options(list(dict.fromkeys(scorers)), radius, k, coreset, top)
-    out_dir = out_dir or run_dir / "eval"
+    out_dir = out_dir or run_dir / ("eval-dense" if config.geometry.mode == "dense" else "eval")
     summaries = run_evaluation(encoder.to(dev), memory, samples, config, options, out_dir, split, dev, batch_size)
     click.echo(print_summaries(summaries))
     click.echo(f"reports: {out_dir}/{split}-<scorer>/")
@@ -176,13 +194,14 @@ def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], ra
 @click.option("--scale", type=float,
               help="Native geometry: cut windows from the full-resolution grid downsampled by F = 1/k "
                    "(1, 0.5, 0.25, ...) instead of resizing to the run's size.")
+@mode_option
 @click.option("--heatmaps", is_flag=True, help="Write a PNG overlay and the float score map (.npy) per slide.")
 @click.option("--resume", is_flag=True, help="Skip slides already scored in OUT/scores.csv (errors are retried).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device: str, batch_size: int,
           precision: str | None, scorer: str | None, radius: int, k: int, coreset: float | None, top: int,
-          scale: float | None, heatmaps: bool, resume: bool, quiet: bool) -> None:
+          scale: float | None, mode: str | None, heatmaps: bool, resume: bool, quiet: bool) -> None:
     """Score SLIDES (files, folders searched recursively, or globs) against a run's memory bank.
 
     Every frame of a multi-frame file (a DBT volume) is a slide; the volume's score is the max over
@@ -196,7 +215,7 @@ def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device
 
     if scale is not None:
         scale_factor(scale)  # refuse a bad factor before loading anything
-    loaded = load_model(model, kind, device, precision)
+    loaded = load_model(model, kind, device, precision, mode)
     options = default_scorer_options(["aligned", "global", "reference"], radius, k, coreset, top)
     settings = choose_settings(loaded.config, scorer, options, scale, batch_size, heatmaps)
     summary = run_inference(slides, loaded, out_dir, settings, resume=resume, progress=not quiet)

@@ -117,6 +117,10 @@ class Config:
         """A copy with the given (nested, partial) keys replaced."""
         return _merge(self, data)
 
+    def with_mode(self, mode: str | None) -> "Config":
+        """This configuration in another geometry mode (itself when None); ConfigError if invalid there."""
+        return self if mode is None else self.override({"geometry": {"mode": mode}}).validate()
+
     def validate(self) -> "Config":
         g = self.geometry
         if g.grid not in ("cover", "reference"):

@@ -85,8 +85,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def load_model(model: str | Path, kind: str = "auto", device: str | torch.device = "auto",
-               precision: str | None = None) -> LoadedModel:
-    """Backend, configuration and memory bank of a run directory or artifact, checked against each other."""
+               precision: str | None = None, mode: str | None = None) -> LoadedModel:
+    """Backend, configuration and memory bank of a run directory or artifact, checked against each other.
+
+    `mode` (exact | dense) overrides the run's geometry mode: the backend, artifact and bank are
+    then those of that mode."""
     from swssl.backends import load_backend
 
     model = Path(model)
@@ -98,6 +101,8 @@ def load_model(model: str | Path, kind: str = "auto", device: str | torch.device
             raise ConfigError("--precision: the backends of this installation take no precision setting; "
                               "export an artifact at the precision wanted (swssl-export --precision) and pass it")
         options["precision"] = precision
+    if mode is not None:
+        options["mode"] = mode
     backend, config = load_backend(model, kind, resolve_device(device), **options)
     run_dir = run_directory(model)
     digest = _encoder_digest(backend, run_dir)
@@ -285,7 +290,7 @@ def read_finished(out_dir: str | Path) -> dict[tuple[str, str], dict[str, str]]:
 
 
 # The settings a resumed run must share with the results already in OUT_DIR.
-_RESUME_KEYS = ("encoder_digest", "scorer", "scorer_options", "geometry", "scale")
+_RESUME_KEYS = ("encoder_digest", "scorer", "scorer_options", "geometry", "mode", "scale")
 
 
 class ResultLog:
@@ -533,13 +538,13 @@ def run_inference(slides: Sequence[str | Path], model: LoadedModel, out_dir: str
               "device": str(backend.device), "precision": getattr(backend, "precision", None),
               "backend_reason": getattr(backend, "reason", ""), "encoder_digest": model.digest, "scorer": settings.scorer_name,
               "scorer_options": settings.scorer_options, "geometry": settings.geometry,
-              "scale": settings.scale, "batch_size": settings.batch_size, "resumed": bool(resume),
+              "mode": model.config.geometry.mode, "scale": settings.scale, "batch_size": settings.batch_size, "resumed": bool(resume),
               "config": model.config.to_dict()}
     log = ResultLog(out_dir, header, resume)
     summary = RunSummary(out_dir)
     say = echo or (lambda text: tqdm.write(text, file=sys.stderr))
     common = {"backend": header["backend"], "device": header["device"], "scorer": settings.scorer_name,
-              "geometry": settings.geometry, "scale": settings.scale}
+              "geometry": settings.geometry, "mode": header["mode"], "scale": settings.scale}
 
     def record_error(path: str, frame: Any, message: str, **extra: Any) -> None:
         log.write({"path": path, "frame": frame, "score": None, "status": "error", "message": message,

@@ -47,10 +47,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from swssl.config import Config
+from swssl.config import TRUNK_STRIDE, Config
+from swssl.dense import DEFAULT_TILE, FeatureMap, halo_for, pool_windows, tiled_feature_map
 from swssl.embed import grid_windows
 from swssl.errors import ConfigError, ImageReadError
-from swssl.geometry import grid
+from swssl.geometry import canvas_shape, grid, window_max
 from swssl.readers import ImageReader
 
 BLOCK_BYTES = 1 << 25  # about 32 MiB of float32 source rows per block read by the prefetch thread
@@ -169,32 +170,46 @@ class SlideStream:
             block = F.avg_pool2d(block[None, None], self.k)[0, 0]
         return block
 
+    def _blocks(self) -> Iterator[torch.Tensor]:
+        """The frame's blocks of scaled rows on the device, top to bottom, read ahead by the prefetch thread.
+
+        Collects the thumbnail as it goes (set once the last block has been taken).
+        """
+        blocks: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        reader_thread = threading.Thread(target=self._read_blocks, args=(self._spans(), blocks, stop), daemon=True,
+                                         name="swssl-prefetch")
+        reader_thread.start()
+        thumbs: list[torch.Tensor] = []
+        try:
+            while (item := blocks.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                block = self._upload(item)
+                if self.want_thumbnail:
+                    t = self.thumbnail_factor
+                    thumbs.append(block if t == 1 else F.avg_pool2d(block[None, None], t, ceil_mode=True)[0, 0])
+                yield block
+            if thumbs:
+                self.thumbnail = torch.cat(thumbs).float().cpu().numpy()
+        finally:
+            stop.set()
+            reader_thread.join(timeout=5)
+
+    def _finish(self, source: Iterator[torch.Tensor]) -> None:
+        """Read the rows below the last window row (the thumbnail needs them) and count the windows."""
+        for _ in source:
+            pass
+        self.scored = int(self.foreground.sum())
+        self.skipped = self.windows - self.scored
+
     @torch.inference_mode()
     def batches(self, batch_size: int = 256) -> Iterator[WindowBatch]:
         """Batches of exactly `batch_size` foreground windows (the last one smaller), in row-major order."""
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, not {batch_size}")
         patch, pool, device = self.patch, self.pool, self.device
-        spans = self._spans()
-        blocks: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        reader_thread = threading.Thread(target=self._read_blocks, args=(spans, blocks, stop), daemon=True,
-                                         name="swssl-prefetch")
-        reader_thread.start()
-        thumbs: list[torch.Tensor] = []
-
-        def next_block() -> torch.Tensor | None:
-            item = blocks.get()
-            if item is _DONE:
-                return None
-            if isinstance(item, BaseException):
-                raise item
-            block = self._upload(item)
-            if self.want_thumbnail:
-                t = self.thumbnail_factor
-                thumbs.append(block if t == 1 else F.avg_pool2d(block[None, None], t, ceil_mode=True)[0, 0])
-            return block
-
+        source = self._blocks()
         col_blocks = torch.as_tensor(self.cols // pool, device=device)
         strip = torch.zeros((0, self.shape[1]), device=device)
         pooled = torch.zeros((0, self.shape[1] // pool), device=device)  # strip max-pooled by `pool` along columns
@@ -206,7 +221,7 @@ class SlideStream:
                 keep = min(len(strip), bottom - y) if bottom > y else 0  # drop the rows above this row of windows
                 strip, pooled = strip[len(strip) - keep:], pooled[len(pooled) - keep:]
                 while bottom < y + patch:
-                    block = next_block()
+                    block = next(source, None)
                     if block is None:
                         raise ImageReadError(self.reader.path, "the frame ended before its last row of windows")
                     bottom += len(block)
@@ -237,15 +252,66 @@ class SlideStream:
                         pending, count = [], 0
             if pending:
                 yield _concat(pending)
-            while next_block() is not None:  # the rows below the last window row (thumbnail only)
-                pass
-            self.scored = int(self.foreground.sum())
-            self.skipped = self.windows - self.scored
-            if thumbs:
-                self.thumbnail = torch.cat(thumbs).float().cpu().numpy()
+            self._finish(source)
         finally:
-            stop.set()
-            reader_thread.join(timeout=5)
+            source.close()  # stops the prefetch thread now, also when the consumer stopped early
+
+    @torch.inference_mode()
+    def dense_bands(self, feature_map: FeatureMap, tile: int = DEFAULT_TILE,
+                    skip_background: bool = True) -> Iterator[DenseBand]:
+        """Dense mode: the window rows of the frame in bands, embedded from one trunk pass per band.
+
+        A band of window rows needs the rows from its first window's top minus the halo to its
+        last window's bottom plus the halo (clipped to the zero-padded canvas, swssl/dense.py): the
+        slab is cut from a rolling strip of scaled rows, run through `dense.tiled_feature_map`
+        (tiles of `tile` px along the columns), and each window pools its cells. As many window
+        rows go in a band as keep the slab within `tile` rows. With `skip_background`, a band with
+        no foreground window is not run (its embeddings are None).
+        Memory: the strip and the slab (<= tile + halo rows x canvas width float32), the band's
+        cells (D x tile/32 x width/32) and its window embeddings.
+        """
+        g = self.config.geometry
+        halo, stride = halo_for(self.config.model.backbone), TRUNK_STRIDE
+        canvas_h, canvas_w = canvas_shape(*self.shape, g)
+        per_band = max(1, (tile - 2 * halo - self.patch) // g.step + 1)
+        source = self._blocks()
+        strip = torch.zeros((0, self.shape[1]), device=self.device)
+        bottom = 0  # scaled rows received so far; the strip holds rows [bottom - len(strip), bottom)
+        try:
+            for r0 in range(0, len(self.rows), per_band):
+                rows = self.rows[r0:r0 + per_band]
+                top, end = max(0, int(rows[0]) - halo), min(canvas_h, int(rows[-1]) + self.patch + halo)
+                while bottom < min(end, self.shape[0]):
+                    block = next(source, None)
+                    if block is None:
+                        raise ImageReadError(self.reader.path, "the frame ended before its last row of windows")
+                    strip = torch.cat([strip, block])
+                    bottom += len(block)
+                strip = strip[max(0, top - (bottom - len(strip))):]  # rows above the slab are done with
+                first = bottom - len(strip)
+                slab = strip[top - first:end - first]
+                slab = F.pad(slab, (0, canvas_w - slab.shape[1], 0, end - top - slab.shape[0]))
+                local = rows - top
+                foreground = window_max(slab, local, self.cols, self.patch) > self.threshold
+                self.foreground[r0:r0 + len(rows)] = foreground.cpu().numpy()
+                embeddings = None
+                if foreground.any() or not skip_background:
+                    cells = tiled_feature_map(feature_map, slab, halo, tile, stride)
+                    embeddings = pool_windows(cells, local, self.cols, self.patch, stride)
+                yield DenseBand(r0, embeddings, foreground)
+            self._finish(source)
+        finally:
+            source.close()
+
+
+@dataclass
+class DenseBand:
+    """Window rows first_row.. of a frame in dense mode: embeddings (rows x C x D, or None when not
+    run) and foreground (rows x C bool), on the device."""
+
+    first_row: int
+    embeddings: torch.Tensor | None
+    foreground: torch.Tensor
 
 
 def _concat(parts: list[WindowBatch]) -> WindowBatch:
@@ -253,6 +319,23 @@ def _concat(parts: list[WindowBatch]) -> WindowBatch:
         return parts[0]
     return WindowBatch(torch.cat([p.rows for p in parts]), torch.cat([p.cols for p in parts]),
                        torch.cat([p.windows for p in parts]))
+
+
+def _encoded_windows(stream: SlideStream, encode, batch_size: int, dense: bool,
+                     skip_background: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(grid rows, grid columns, float32 embeddings) of the frame's windows as they are encoded:
+    foreground windows in batches (exact mode), or bands of window rows (dense mode: their
+    foreground windows, or all of them when `skip_background` is False)."""
+    if not dense:
+        for batch in stream.batches(batch_size):
+            yield batch.rows, batch.cols, encode(batch.windows).float()
+        return
+    for band in stream.dense_bands(encode.feature_map, skip_background=skip_background):
+        if band.embeddings is None:
+            continue
+        chosen = band.foreground if skip_background else torch.ones_like(band.foreground)
+        where = chosen.nonzero()
+        yield where[:, 0] + band.first_row, where[:, 1], band.embeddings[chosen]
 
 
 @dataclass
@@ -298,27 +381,30 @@ def score_native(reader: ImageReader, frame: int, encode, scorer, config: Config
                           f"windows at the same grid position, so it needs the run's {bank_grid[0]} x "
                           f"{bank_grid[1]} grid; this frame in native geometry has a {rows} x {cols} grid: "
                           "use --scorer global, or the run's resize geometry (no --scale)")
+    dense = config.geometry.mode == "dense"
     encoded = 0
     with torch.inference_mode():
         if per_window:
             distances = torch.full((rows, cols), float("nan"), device=scorer.device)
-        else:
-            empty = encode(torch.zeros(1, 1, stream.patch, stream.patch, device=device)).float()
-            embeddings = empty.expand(rows * cols, -1).clone()
-        batches = stream.batches(batch_size)
+        # Exact mode: background windows keep the all-zero window's embedding (as embed.embed_image);
+        # dense mode embeds every window when the scorer needs them all (allocated at the first band).
+        embeddings = None if per_window or dense else \
+            encode(torch.zeros(1, 1, stream.patch, stream.patch, device=device)).float().expand(rows * cols, -1).clone()
+        windows = _encoded_windows(stream, encode, batch_size, dense, skip_background=per_window)
         try:
-            for batch in batches:
-                features = encode(batch.windows).float()
+            for window_rows, window_cols, features in windows:
                 if per_window:
-                    distances[batch.rows.to(scorer.device), batch.cols.to(scorer.device)] = \
+                    distances[window_rows.to(scorer.device), window_cols.to(scorer.device)] = \
                         scorer.score_windows(features)
                 else:
-                    embeddings[batch.rows * cols + batch.cols] = features
+                    if embeddings is None:
+                        embeddings = features.new_zeros(rows * cols, features.shape[1])
+                    embeddings[window_rows * cols + window_cols] = features
                 encoded += len(features)
                 if progress is not None:
                     progress(encoded)
         finally:
-            batches.close()  # stops the prefetch thread now, also when encoding failed
+            windows.close()  # stops the prefetch thread now, also when encoding failed
         if per_window:
             from swssl.scorers import image_score
 

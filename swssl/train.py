@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from swssl.bank import BANK, build_bank
+from swssl.bank import bank_file, build_bank
 from swssl.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_encoder, save_checkpoint, weights_digest
 from swssl.config import Config
 from swssl.datasets import Sample, discover, load_resized, select
@@ -70,7 +70,7 @@ def train(config: Config, data: str | Path, out: str | Path, device: str = "auto
 
     Every `val_every` epochs the run is checkpointed (out/checkpoint.pt, for --resume) and, when
     the data has a val split with both classes, scored on it: the best image AUROC is kept as
-    out/best.pt. At the end the memory bank of the selected encoder is built (out/bank.safetensors).
+    out/best.pt. At the end the memory bank of the selected encoder is built (out/bank.safetensors; bank-dense.safetensors in dense mode).
     With `resume`, continues from out/checkpoint.pt with the configuration saved in it
     (`epochs` may extend the budget).
     """
@@ -164,7 +164,7 @@ def _build_run_bank(checkpoint: Path, samples: list[Sample], device, out: Path) 
     encoder, config = load_encoder(checkpoint)
     encoder = encoder.to(device)
     bank = build_bank(encoder, samples, config, weights_digest(encoder), device=device)
-    bank.save(out / BANK)
+    bank.save(bank_file(out, config.geometry.mode))
 
 
 def train_step(encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, tc, device: torch.device,
