@@ -131,6 +131,7 @@ def pool_windows(cells: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch:
     return F.avg_pool2d(region[None].float(), size, (step_r, step_c))[0].permute(1, 2, 0)
 
 
+@torch.inference_mode()
 def embed_dense(feature_map: FeatureMap, image: torch.Tensor, config: Config,
                 tile: int = DEFAULT_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense window embeddings (R x C x D float32) and foreground (R x C bool) of `image` (H x W, on its device)."""
