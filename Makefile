@@ -12,7 +12,7 @@ EPOCHS ?=
 # swssl-export formats for `make export` / `make demo` (AOTI for CUDA when there is one, else the CPU).
 EXPORT_FLAGS ?= --onnx --aoti
 
-.PHONY: setup demo test train export bench clean
+.PHONY: setup demo test train export compare-modes bench clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ $(DEMO_DATA)/manifest.csv: | setup
 demo: setup $(DEMO_DATA)/manifest.csv
 	$(BIN)/swssl-train --preset demo --data $(DEMO_DATA) --out runs/demo
 	$(BIN)/swssl-eval runs/demo --data $(DEMO_DATA) --split test
+	$(BIN)/swssl-bank runs/demo --data $(DEMO_DATA) --mode dense
+	$(BIN)/swssl-eval runs/demo --data $(DEMO_DATA) --split test --mode dense
+	$(BIN)/swssl-compare runs/demo/eval runs/demo/eval-dense
 	$(BIN)/swssl-export runs/demo $(EXPORT_FLAGS)
 	$(BIN)/swssl-infer '$(DEMO_DATA)/test/*[0-9].png' --model runs/demo --out runs/demo/infer --heatmaps
 	@echo "demo run: runs/demo (selected checkpoint best.pt, memory bank bank.safetensors, loss curve train_log.csv)"
@@ -49,8 +52,24 @@ train: setup $(if $(filter $(DEMO_DATA),$(DATA)),$(DEMO_DATA)/manifest.csv)
 export: setup
 	$(BIN)/swssl-export $(RUN) $(EXPORT_FLAGS)
 
+# make compare-modes [RUN=runs/x DATA=/path] -> exact vs dense mode, same checkpoint: dense bank, both
+#                                              evaluations of the test split, one side-by-side table
+compare-modes: setup
+	$(BIN)/swssl-bank $(RUN) --data $(DATA) --mode dense
+	$(BIN)/swssl-eval $(RUN) --data $(DATA) --split test
+	$(BIN)/swssl-eval $(RUN) --data $(DATA) --split test --mode dense
+	$(BIN)/swssl-compare $(RUN)/eval $(RUN)/eval-dense
+
 # make bench                                  -> the CPU suite (resnet18; about 3 minutes on 2 cores),
 #                                                report in bench/reports/cpu-<date>.md / .json / .png
+# make compare-modes [RUN=runs/x DATA=/path] -> exact vs dense mode, same checkpoint: dense bank, both
+#                                              evaluations of the test split, one side-by-side table
+compare-modes: setup
+	$(BIN)/swssl-bank $(RUN) --data $(DATA) --mode dense
+	$(BIN)/swssl-eval $(RUN) --data $(DATA) --split test
+	$(BIN)/swssl-eval $(RUN) --data $(DATA) --split test --mode dense
+	$(BIN)/swssl-compare $(RUN)/eval $(RUN)/eval-dense
+
 # make bench BENCH_FLAGS="--backbone wide_resnet50_2 --slides 16"   (flags: swssl-bench --help)
 BENCH_FLAGS ?=
 bench: setup

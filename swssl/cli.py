@@ -172,6 +172,21 @@ def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], ra
 
 
 @click.command()
+@click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@friendly_errors
+def compare(reports: tuple[Path, ...], split: str) -> None:
+    """Print a Markdown table comparing swssl-eval report folders side by side, per scorer.
+
+    Example (exact vs dense mode on the same checkpoint):
+    swssl-compare runs/demo/eval runs/demo/eval-dense
+    """
+    from swssl.compare import comparison_table
+
+    click.echo(comparison_table(list(reports), split))
+
+
+@click.command()
 @click.argument("slides", nargs=-1, required=True)
 @click.option("--model", required=True, type=click.Path(exists=True, path_type=Path),
               help="A run directory (its checkpoint and memory bank) or an exported artifact inside it.")

@@ -33,6 +33,11 @@ is the maximum over its P/g column blocks of the block maxima. Each incoming blo
 max-pooled by g along the columns once (1/g of its size, kept beside the strip); a row of windows
 takes the maximum of that view over its P rows and then over each window's P/g blocks. Windows
 whose maximum is not above the threshold are never cut or encoded; they are counted.
+
+Dense mode (`geometry.mode = "dense"`, swssl/dense.py): `SlideStream.dense_bands` walks the same
+strip in bands of window rows instead; each band's slab of rows (with the trunk's halo above and
+below, zero rows past the frame) goes once through the trunk in tiles and its windows pool their
+cells. A band without foreground windows is not run when only foreground windows are scored.
 """
 from __future__ import annotations
 
@@ -369,6 +374,7 @@ def score_native(reader: ImageReader, frame: int, encode, scorer, config: Config
     a different slide grid is refused before any pixel is read; when it matches, the embeddings
     are gathered into R x C x D (background windows get the all-zero window's embedding, as
     `embed.embed_image` does) and scored as in swssl-eval.
+    In dense mode `encode.feature_map` runs over bands of the frame (`SlideStream.dense_bands`).
     `progress(encoded)` is called after every batch with the number of windows encoded so far.
     """
     device = torch.device(device if device is not None else getattr(encode, "device", "cpu"))
