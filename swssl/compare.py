@@ -3,14 +3,20 @@
     swssl-compare runs/demo/eval runs/demo/eval-dense [--split test]
 
 prints a Markdown table: per scorer, image AUROC, pixel AUROC, lesion hit rate and scoring time
-of each folder, read from their <split>-<scorer>/eval.json.
+of each folder, read from their <split>-<scorer>/eval.json. With two folders it adds the paired
+bootstrap 95 % interval of the image AUROC difference (second minus first, the same images
+resampled for both), so a difference can be told from the noise of a small test split.
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
+import numpy as np
+
 from swssl.errors import SwsslError
+from swssl.metrics import image_auroc
 
 METRICS = (("image AUROC", "image_auroc", "{:.4f}"), ("pixel AUROC", "pixel_auroc", "{:.4f}"),
            ("lesion hit rate", "lesion_hit_rate", "{:.3f}"))
@@ -34,6 +40,8 @@ def comparison_table(folders: list[Path], split: str = "test") -> str:
     labels = [folder.name for folder in folders]
     header = ["scorer"] + [f"{metric} ({label})" for metric, _, _ in METRICS for label in labels]
     header += [f"seconds ({label})" for label in labels]
+    if len(folders) == 2:
+        header.append("image AUROC difference, 95 % bootstrap interval")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in scorers:
         cells = [name]
@@ -44,5 +52,38 @@ def comparison_table(folders: list[Path], split: str = "test") -> str:
         for found in reports:
             seconds = found.get(name, {}).get("seconds_all_scorers")
             cells.append("n/a" if seconds is None else f"{seconds:.1f}")
+        if len(folders) == 2:
+            cells.append(_difference_cell(*(folder / f"{split}-{name}" / "images.csv" for folder in folders)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_bootstrap(labels: np.ndarray, first: np.ndarray, second: np.ndarray, resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """AUROC(second) - AUROC(first) and its percentile 95 % interval over image resamples (both sides resampled alike)."""
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(labels), len(labels))
+        a, b = image_auroc(labels[pick], first[pick]), image_auroc(labels[pick], second[pick])
+        if a is not None and b is not None:
+            differences.append(b - a)
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return image_auroc(labels, second) - image_auroc(labels, first), float(low), float(high)
+
+
+def _difference_cell(first: Path, second: Path) -> str:
+    if not (first.is_file() and second.is_file()):
+        return "n/a"
+    a, b = _scores(first), _scores(second)
+    common = sorted(a.keys() & b.keys())
+    labels = np.array([a[path][0] for path in common])
+    if len(set(labels.tolist())) < 2:
+        return "n/a"
+    delta, low, high = paired_bootstrap(labels, np.array([a[p][1] for p in common]), np.array([b[p][1] for p in common]))
+    return f"{delta:+.4f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _scores(images_csv: Path) -> dict[str, tuple[int, float]]:
+    with open(images_csv, newline="") as handle:
+        return {row["path"]: (int(row["label"]), float(row["score"])) for row in csv.DictReader(handle)}
