@@ -1,0 +1,43 @@
+"""swssl-compare: the side-by-side table and the paired bootstrap of the AUROC difference."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from swssl import cli
+from swssl.compare import paired_bootstrap
+from swssl.metrics import image_auroc
+
+
+def write_report(folder, scorer, labels, scores):
+    out = folder / f"test-{scorer}"
+    out.mkdir(parents=True)
+    report = {"scorer": scorer, "image_auroc": image_auroc(labels, scores), "pixel_auroc": None,
+              "lesion_hit_rate": 0.5, "seconds_all_scorers": 3.0}
+    (out / "eval.json").write_text(json.dumps(report))
+    rows = ["path,label,score"] + [f"img{i}.png,{label},{score}" for i, (label, score) in enumerate(zip(labels, scores))]
+    (out / "images.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_bootstrap_of_identical_scores_is_zero_and_of_a_better_scorer_positive():
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 20)
+    noisy = rng.random(40)
+    perfect = labels + 0.1 * rng.random(40)
+    assert paired_bootstrap(labels, noisy, noisy, resamples=200) == (0.0, 0.0, 0.0)
+    delta, low, high = paired_bootstrap(labels, noisy, perfect, resamples=500)
+    assert delta == pytest.approx(1.0 - image_auroc(labels, noisy))
+    assert 0 < low <= delta <= high <= 1
+
+
+def test_table_of_two_report_folders(tmp_path):
+    labels = [0, 0, 1, 1]
+    write_report(tmp_path / "eval", "aligned", labels, [0.1, 0.6, 0.5, 0.9])
+    write_report(tmp_path / "eval-dense", "aligned", labels, [0.1, 0.2, 0.5, 0.9])
+    result = CliRunner().invoke(cli.compare, [str(tmp_path / "eval"), str(tmp_path / "eval-dense")])
+    assert result.exit_code == 0, result.output
+    row = [line for line in result.output.splitlines() if line.startswith("| aligned")][0]
+    assert "| 0.7500 | 1.0000 |" in row and "+0.2500 [" in row
+    result = CliRunner().invoke(cli.compare, [str(tmp_path)])
+    assert result.exit_code == 1 and "no test-<scorer>/eval.json" in result.output
