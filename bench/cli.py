@@ -40,6 +40,8 @@ def _list(kind: type):
               "ones are listed as skipped].")
 @click.option("--precisions", callback=_list(str), help="Torch eager precisions [default: cpu fp32,bf16; cuda "
               "fp32,bf16,fp16].")
+@click.option("--modes", callback=_list(str), help="Geometry modes: exact (window by window, as the paper) and/or "
+              "dense (one trunk pass per slice) [default: exact,dense].")
 @click.option("--export-precisions", callback=_list(str), help="AOTInductor / TensorRT precisions [default: cpu fp32; "
               "cuda fp16]. ONNX Runtime always runs the float32 ONNX file.")
 @click.option("--batches", callback=_list(int), help="Encoder batch sizes [default: cpu 1,4,16,64,256; cuda "
@@ -77,6 +79,10 @@ def bench(device: str, backbones: tuple[str, ...], smoke: bool, out: Path, **giv
     if unknown:
         raise click.BadParameter(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(session.BACKENDS)}",
                                  param_hint="--backends")
+    wrong_modes = [m for m in given["modes"] or [] if m not in ("exact", "dense")]
+    if wrong_modes:
+        raise click.BadParameter(f"unknown mode(s) {', '.join(wrong_modes)}; choose from exact, dense",
+                                 param_hint="--modes")
     for name in ("precisions", "export_precisions"):
         wrong = [p for p in given[name] or [] if p not in session.PRECISIONS]
         if wrong:

@@ -8,7 +8,7 @@ machine, so windows/s x FLOPs/window over it says how close a path gets to the h
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -18,22 +18,40 @@ from swssl.bench.timing import measure
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
-    """FLOPs of one forward pass of `module` on `inputs` (multiply-add = 2)."""
+def count_flops(function: Callable[..., Any], *inputs: torch.Tensor) -> int:
+    """FLOPs of one call of `function` (a module or a method) on `inputs` (multiply-add = 2)."""
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        module(*inputs)
+        function(*inputs)
     return int(counter.get_total_flops())
 
 
 def flops_per_window(encoder: torch.nn.Module, patch: int) -> int:
     """FLOPs to embed one P x P window (run once on the CPU in float32; the count does not depend on the device)."""
+    return _in_eval(encoder, lambda: count_flops(encoder, _random(encoder, patch, patch)))
+
+
+def dense_flops_per_window(encoder: torch.nn.Module, config: Any) -> int:
+    """Dense mode's FLOPs per window: one trunk pass over a slice of the configured size (its dense canvas),
+    divided by the windows of its grid."""
+    from swssl.geometry import canvas_shape, grid
+
+    g = config.with_mode("dense").geometry
+    rows, cols = grid(g)
+    image = _random(encoder, *canvas_shape(g.height, g.width, g))
+    return _in_eval(encoder, lambda: count_flops(encoder.feature_map, image)) // (len(rows) * len(cols))
+
+
+def _random(encoder: torch.nn.Module, height: int, width: int) -> torch.Tensor:
     parameter = next(encoder.parameters())
-    window = torch.rand(1, 1, patch, patch, device=parameter.device, dtype=parameter.dtype)
+    return torch.rand(1, 1, height, width, device=parameter.device, dtype=parameter.dtype)
+
+
+def _in_eval(encoder: torch.nn.Module, count: Callable[[], int]) -> int:
     was_training = encoder.training
     encoder.eval()
     try:
-        return count_flops(encoder, window)
+        return count()
     finally:
         encoder.train(was_training)
 

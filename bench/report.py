@@ -24,7 +24,12 @@ HOW = """\
   (aligned scorer), write scores.csv/jsonl. One slide first as warm-up; model loading timed apart. Seconds
   per slide are the runner's own per-slide times; slides/s and windows/s are over the whole call.
 - Native slide: the same runner on one large generated slide at scale 1 (native geometry, strips streamed
-  from a memory-mapped .npy, global scorer), on the fastest end-to-end path.
+  from a memory-mapped .npy, global scorer), on the fastest end-to-end path (of each mode).
+- Dense mode (paths named "... dense"; swssl/dense.py): the trunk runs once over the slice and every window
+  pools the feature cells it covers. Its "encoder" number is windows/s of embedding one whole slice
+  already on the device (trunk pass, pooling and foreground test; every window of the grid, background
+  included), so it compares with the exact paths' best batch. FLOPs per window = one trunk pass over the
+  slice / its windows. End to end it is the same runner as exact mode, with the run's dense memory bank.
 - The official way: what evaluate.py does, with the same encoder and weights: the resized slice as an 8-bit
   PIL image, each window cropped on the host and converted by ToTensor, one forward pass per window
   (batch 1) in a Python loop, features copied to the host. Timed on windows spread over its
@@ -78,6 +83,22 @@ def ratio_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def dense_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per dense-mode path: its numbers beside those of the same backend and precision in exact mode."""
+    rows = {row["path"]: row for row in ratio_rows(entry)}
+    out = []
+    for row in entry.get("encoder", []) + entry.get("end_to_end", []):
+        if row.get("mode") != "dense" or any(r["path"] == row["path"] for r in out):
+            continue
+        dense, exact = rows.get(row["path"], {}), rows.get(row["path"].removesuffix(" dense"), {})
+        out.append({**dense, "exact_path": exact.get("path"),
+                    "exact_encoder_windows_per_s": exact.get("encoder_windows_per_s"),
+                    "exact_seconds_per_slide": exact.get("seconds_per_slide"),
+                    "encoder_vs_exact": _ratio(dense.get("encoder_windows_per_s"), exact.get("encoder_windows_per_s")),
+                    "slide_vs_exact": _ratio(exact.get("seconds_per_slide"), dense.get("seconds_per_slide"))})
+    return out
+
+
 def _ratio(ours: float | None, theirs: float | None) -> float | None:
     return ours / theirs if ours and theirs else None
 
@@ -113,11 +134,20 @@ def headline(result: dict[str, Any]) -> list[str]:
             if end["slide_speedup"]:
                 text += f": {_x(end['slide_speedup'])} faster per slice than the official way"
             parts.append(text)
-        native = entry.get("native")
-        if native and native.get("slides"):
-            parts.append(f"a {native['shape'][0]} x {native['shape'][1]} native slide in {_seconds(native['wall_seconds'])} "
-                         f"({native['path']}, {_rate(native['windows_per_s'])} windows/s, "
-                         f"{100 * native['skipped_share']:.0f} % background skipped)")
+        dense = dense_rows(entry)
+        fastest = min((r for r in dense if r["seconds_per_slide"]), key=lambda r: r["seconds_per_slide"], default=None)
+        if fastest:
+            text = f"dense mode: {fastest['path']} {_seconds(fastest['seconds_per_slide'])} per slice end to end"
+            ratios = [f"{_x(fastest[key])} {what}" for key, what in (("slide_vs_exact", "its exact-mode path"),
+                                                                   ("slide_speedup", "the official way"))
+                      if fastest[key]]
+            parts.append(text + (f" ({', '.join(ratios)})" if ratios else ""))
+        for key in ("native", "native_dense"):
+            native = entry.get(key)
+            if native and native.get("slides"):
+                parts.append(f"a {native['shape'][0]} x {native['shape'][1]} native slide in "
+                             f"{_seconds(native['wall_seconds'])} ({native['path']}, {_rate(native['windows_per_s'])} "
+                             f"windows/s, {100 * native['skipped_share']:.0f} % background skipped)")
         lines.append(parts[0] + ": " + "; ".join(parts[1:]) + ".")
     return lines
 
@@ -235,7 +265,22 @@ def _model_section(entry: dict[str, Any], plot_name: str | None, plot_missing: s
                 f"{official['grid'][0]} x {official['grid'][1]} = {official['grid_windows']} windows per slice, so "
                 f"{_seconds(official['seconds_per_slide_extrapolated'])} per slice (extrapolated); peak RSS "
                 f"{_mib(official.get('peak_rss_mib'))} MiB.", ""]
-    encoder = entry.get("encoder", [])
+    dense = dense_rows(entry)
+    if dense:
+        out += ["### Dense mode against exact mode (same backend and precision)", ""]
+        out += _table(["path", "windows/s embedding a slice", "exact: best windows/s (batch)", "x exact",
+                       "s/slice end to end", "exact s/slice", "x exact per slice", "x official per slice"],
+                      [[r["path"], _rate(r.get("encoder_windows_per_s")),
+                        f"{_rate(r['exact_encoder_windows_per_s'])} ({r['exact_path'] or '-'})",
+                        _x(r["encoder_vs_exact"]), _seconds(r.get("seconds_per_slide")),
+                        _seconds(r["exact_seconds_per_slide"]), _x(r["slide_vs_exact"]), _x(r.get("slide_speedup"))]
+                       for r in dense])
+        flops_dense = entry.get("dense_flops_per_window")
+        if flops_dense and entry.get("flops_per_window"):
+            out += ["", f"Dense mode costs {_gflop(flops_dense)} GFLOP per window (one trunk pass over the slice / its "
+                        f"windows), {entry['flops_per_window'] / flops_dense:.1f}x less than a window on its own."]
+        out += [""]
+    encoder = [row for row in entry.get("encoder", []) if row.get("mode", "exact") == "exact"]
     if encoder:
         batches = sorted({row["batch"] for row in encoder})
         by_path: dict[str, dict[int, dict[str, Any]]] = {}
@@ -266,9 +311,10 @@ def _model_section(entry: dict[str, Any], plot_name: str | None, plot_missing: s
                        for r in e2e])
         out += [""] + [f"Note ({r['path']}): {r['note']}." for r in e2e if r.get("note")]
         out += [""] if any(r.get("note") for r in e2e) else []
-    native = entry.get("native")
-    if native and native.get("slides"):
-        out += ["### Native slide (streamed, scale 1)", "",
+    for native in (entry.get("native"), entry.get("native_dense")):
+        if not (native and native.get("slides")):
+            continue
+        out += [f"### Native slide (streamed, scale 1, {native.get('mode', 'exact')} mode)", "",
                 f"{native['shape'][0]} x {native['shape'][1]} px on {native['path']}: {_seconds(native['wall_seconds'])} "
                 f"(runner's own time {_seconds(native['seconds_per_slide_median'])}), grid {native['grid'][0]} x "
                 f"{native['grid'][1]}, {native['windows_scored']:,} windows encoded and {native['windows_skipped']:,} "
@@ -278,8 +324,9 @@ def _model_section(entry: dict[str, Any], plot_name: str | None, plot_missing: s
                 + ".", ""]
     setup = [f"run directory {entry['setup_seconds']['checkpoint']:.1f} s, memory bank "
              f"({entry.get('bank_images')} images) {entry['setup_seconds']['bank']:.1f} s"] if entry.get("setup_seconds") else []
-    setup += [f"{e['artifact']} {e['precision']} export (verified, batch profile {e['batch_profile']['min']},"
-              f"{e['batch_profile']['opt']},{e['batch_profile']['max']}) {e['seconds']:.1f} s" for e in entry.get("exports", [])]
+    setup += [f"{e['artifact']} {e['precision']} {e.get('mode', 'exact')} export (verified"
+              + (f", batch profile {e['batch_profile']['min']},{e['batch_profile']['opt']},{e['batch_profile']['max']}"
+                 if e.get("batch_profile") else "") + f") {e['seconds']:.1f} s" for e in entry.get("exports", [])]
     if setup:
         out += ["Setup (not in any number above): " + "; ".join(setup) + ".", ""]
     out += _problems(entry, entry["backbone"])
@@ -315,7 +362,8 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
     fig, axes = plt.subplots(1, len(models), figsize=(6.4 * len(models), 4.6), squeeze=False)
     for ax, entry in zip(axes[0], models):
         by_path: dict[str, list[tuple[int, float]]] = {}
-        for row in entry["encoder"]:
+        exact = [row for row in entry["encoder"] if row.get("mode", "exact") == "exact"]
+        for row in exact:
             by_path.setdefault(row["path"], []).append((row["batch"], row["windows_per_s"]))
         for label, points in by_path.items():
             points.sort()
@@ -325,7 +373,11 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
             ax.axhline(official["windows_per_s"], color="black", linestyle="--", linewidth=1,
                        label=f"official way (batch 1 loop): {_rate(official['windows_per_s'])}")
         ax.set_xscale("log", base=2)
-        batches = sorted({row["batch"] for row in entry["encoder"]})
+        for row in entry["encoder"]:
+            if row.get("mode") == "dense":  # one slice per call: a level, not a curve over batch sizes
+                ax.axhline(row["windows_per_s"], linestyle=":", linewidth=1.5,
+                           label=f"{row['path']} (whole slice): {_rate(row['windows_per_s'])}")
+        batches = sorted({row["batch"] for row in exact})
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_yscale("log")

@@ -32,10 +32,11 @@ EXPORT_KIND = {"onnxruntime": "onnx", "aoti": "aoti", "tensorrt": "tensorrt"}
 # Defaults per device type. CPU: `make bench` in about 4-6 minutes on 2 cores; CUDA: bench/gpu.sh.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {"backbones": ["resnet18"], "backends": ["torch", "onnxruntime", "aoti"], "precisions": ["fp32", "bf16"],
+            "modes": ["exact", "dense"],
             "export_precisions": ["fp32"], "batches": [1, 4, 16, 64, 256], "e2e_batch": 256, "slides": 8,
             "bank_images": 4, "slide_size": 4096, "official_windows": 200, "warmup": 2, "repeats": 5,
             "min_seconds": 0.5, "peak_size": 2048},
-    "cuda": {"backbones": ["resnet18"], "backends": ["torch", "onnxruntime", "aoti", "tensorrt"],
+    "cuda": {"backbones": ["resnet18"], "backends": ["torch", "onnxruntime", "aoti", "tensorrt"], "modes": ["exact", "dense"],
              "precisions": ["fp32", "bf16", "fp16"], "export_precisions": ["fp16"], "batches": [1, 8, 32, 128, 512],
              "e2e_batch": 256, "slides": 16, "bank_images": 8, "slide_size": 8192, "official_windows": 300,
              "warmup": 3, "repeats": 10, "min_seconds": 0.2, "peak_size": 8192},
@@ -52,6 +53,7 @@ class Options:
     backbones: list[str]
     backends: list[str]
     precisions: list[str]
+    modes: list[str]  # geometry modes: exact (window by window) and / or dense (one trunk pass per slice)
     export_precisions: list[str]
     batches: list[int]
     e2e_batch: int
@@ -90,14 +92,15 @@ def make_options(device: torch.device, out: Path, smoke: bool = False, **given: 
 
 @dataclass
 class OurPath:
-    """One of our paths: a backend kind at a precision."""
+    """One of our paths: a backend kind at a precision, in a geometry mode."""
 
     kind: str
     precision: str
+    mode: str = "exact"
 
     @property
     def label(self) -> str:
-        return suites.path_label(self.kind, self.precision)
+        return suites.path_label(self.kind, self.precision, self.mode)
 
 
 class Session:
@@ -188,8 +191,9 @@ def plan_paths(options: Options, where: dict[str, Any], session: Session) -> lis
             if precision not in PRECISIONS:
                 session.skip(where, f"{kind} {precision}", f"unknown precision (choose from {', '.join(PRECISIONS)})")
                 continue
-            paths.append(OurPath(kind, precision))
-    return sorted(paths, key=lambda p: (p.kind not in suites.TORCH_KINDS, options.backends.index(p.kind)))
+            paths += [OurPath(kind, precision, mode) for mode in options.modes]
+    return sorted(paths, key=lambda p: (p.kind not in suites.TORCH_KINDS, options.backends.index(p.kind),
+                                        options.modes.index(p.mode)))
 
 
 def peak_key(path: OurPath, device: torch.device) -> str:
@@ -258,8 +262,8 @@ def run_backbone(session: Session, backbone: str, paths: list[OurPath], images: 
                              "encoder": [], "end_to_end": [], "native": None, "official": None, "exports": [],
                              "skipped": [], "errors": []}
     session.result["models"].append(entry)
-    made = session.step(entry, f"{backbone}: run directory and memory bank", lambda: workload.make_run(
-        work / "run", backbone, images, device, geometry, options.e2e_batch, options.seed))
+    made = session.step(entry, f"{backbone}: run directory and memory banks", lambda: workload.make_run(
+        work / "run", backbone, images, device, geometry, options.e2e_batch, options.seed, options.modes))
     if made is None:
         return
     run_: workload.Run = made
@@ -268,6 +272,9 @@ def run_backbone(session: Session, backbone: str, paths: list[OurPath], images: 
                  dim=run_.encoder.dim, setup_seconds=run_.seconds, bank_images=len(images.bank))
     entry["flops_per_window"] = session.step(entry, f"{backbone}: FLOPs per window",
                                              lambda: flops.flops_per_window(run_.encoder, g.patch))
+    if "dense" in options.modes:
+        entry["dense_flops_per_window"] = session.step(entry, f"{backbone}: FLOPs per window in dense mode",
+                                                       lambda: flops.dense_flops_per_window(run_.encoder, run_.config))
 
     def official() -> dict[str, Any]:
         from swssl.datasets import load_resized
@@ -280,52 +287,73 @@ def run_backbone(session: Session, backbone: str, paths: list[OurPath], images: 
     pool = session.step(entry, f"{backbone}: sample windows", lambda: suites.sample_windows(
         run_, images.data, max(options.batches)))
     profile = batch_profile(options)
-    exported: set[tuple[str, str]] = set()
+    exported: set[tuple[str, str, str]] = set()
     for path in paths:
         artifact = EXPORT_KIND.get(path.kind)
-        key = (artifact, "fp32" if artifact == "onnx" else path.precision)
+        key = (artifact, "fp32" if artifact == "onnx" else path.precision, path.mode)
         if artifact and key not in exported:
-            seconds = session.step(entry, f"{backbone}: export {artifact} {key[1]}", lambda: workload.export(
-                run_, images.data, artifact, key[1], device, profile))
+            made_profile = profile if path.mode == "exact" else None  # dense: the export's own (images per call)
+            seconds = session.step(entry, f"{backbone}: export {artifact} {key[1]} {path.mode}", lambda: workload.export(
+                run_, images.data, artifact, key[1], device, made_profile, path.mode))
             if seconds is None:
                 continue
             exported.add(key)
-            entry["exports"].append({"artifact": artifact, "precision": key[1], "seconds": seconds,
-                                     "batch_profile": profile.to_dict()})
+            entry["exports"].append({"artifact": artifact, "precision": key[1], "mode": path.mode, "seconds": seconds,
+                                     "batch_profile": profile.to_dict() if made_profile else None})
         measure_path(session, entry, run_, path, pool, images, work)
-    best = max((row for row in entry["end_to_end"] if row.get("slides")), key=lambda r: r["slides_per_s"], default=None)
-    if slide is not None and best is not None:
-        kind, precision = best["kind"], best["precision"]
-        native = session.step(entry, f"{backbone}: native slide {slide['shape'][0]} x {slide['shape'][1]} "
-                                     f"({best['path']})", lambda: suites.native_slide(
-            run_, Path(slide["path"]), kind, precision, device, options.e2e_batch, work / "native"))
-        if native is not None:
-            entry["native"] = {"path": best["path"], "kind": kind, "precision": precision, **native}
+    for mode in options.modes:
+        measure_native(session, entry, run_, slide, mode, work)
+
+
+def measure_native(session: Session, entry: dict[str, Any], run_: workload.Run, slide: dict[str, Any] | None,
+                   mode: str, work: Path) -> None:
+    """The large slide through the native streaming path, on the mode's fastest end-to-end path."""
+    rows = [row for row in entry["end_to_end"] if row.get("slides") and row.get("mode", "exact") == mode]
+    best = max(rows, key=lambda r: r["slides_per_s"], default=None)
+    if slide is None or best is None:
+        return
+    kind, precision = best["kind"], best["precision"]
+    native = session.step(entry, f"{entry['backbone']}: native slide {slide['shape'][0]} x {slide['shape'][1]} "
+                                 f"({best['path']})", lambda: suites.native_slide(
+        run_, Path(slide["path"]), kind, precision, session.options.device, session.options.e2e_batch,
+        work / f"native-{mode}", mode))
+    if native is not None:
+        entry["native" if mode == "exact" else "native_dense"] = {
+            "path": best["path"], "kind": kind, "precision": precision, "mode": mode, **native}
 
 
 def measure_path(session: Session, entry: dict[str, Any], run_: workload.Run, path: OurPath, pool: torch.Tensor | None,
                  images: workload.Images, work: Path) -> None:
-    """Encoder throughput over the batch sizes, then the runner end to end, for one of our paths."""
+    """Encoder throughput (over the batch sizes; in dense mode, whole slices), then the runner end to end, for
+    one of our paths."""
     options, device = session.options, session.options.device
     backbone = entry["backbone"]
+    dense = path.mode == "dense"
     if pool is not None:
         backend = session.step(entry, f"{backbone}: open {path.label}", lambda: suites.open_backend(
-            run_, path.kind, path.precision, device))
+            run_, path.kind, path.precision, device, path.mode))
         if backend is not None:
-            rows = session.step(entry, f"{backbone}: encoder throughput, {path.label}", lambda: suites.encoder_throughput(
-                backend, pool, options.batches, device, warmup=options.warmup, repeats=options.repeats,
-                min_seconds=options.min_seconds, stop=session.over_budget))
+            timing = dict(warmup=options.warmup, repeats=options.repeats, min_seconds=options.min_seconds)
+            if dense:
+                rows = session.step(entry, f"{backbone}: dense embedding throughput, {path.label}", lambda: [
+                    suites.dense_throughput(backend, suites.first_slice(run_, images), run_.config.with_mode("dense"),
+                                            device, **timing)])
+            else:
+                rows = session.step(entry, f"{backbone}: encoder throughput, {path.label}", lambda: suites.encoder_throughput(
+                    backend, pool, options.batches, device, stop=session.over_budget, **timing))
             peak = session.result["peaks"].get(peak_key(path, device))
+            flops_per_window = entry.get("dense_flops_per_window" if dense else "flops_per_window")
             for row in rows or []:
-                if entry.get("flops_per_window") and peak:
-                    row["percent_of_peak"] = flops.percent_of_peak(entry["flops_per_window"], row["windows_per_s"],
+                if flops_per_window and peak:
+                    row["percent_of_peak"] = flops.percent_of_peak(flops_per_window, row["windows_per_s"],
                                                                    peak["flops_per_s"])
                     row["peak"] = peak_key(path, device)
                 entry["encoder"].append({"path": path.label, "kind": path.kind, "precision": path.precision,
-                                         "backend": getattr(backend, "name", path.kind), **row})
+                                         "mode": path.mode, "backend": getattr(backend, "name", path.kind), **row})
             del backend
     e2e = session.step(entry, f"{backbone}: end to end, {path.label}, {len(images.slides)} slides", lambda: suites.end_to_end(
         run_, images.slides, path.kind, path.precision, device, options.e2e_batch,
-        work / "e2e" / path.label.replace(" ", "-")))
+        work / "e2e" / path.label.replace(" ", "-"), path.mode))
     if e2e is not None:
-        entry["end_to_end"].append({"path": path.label, "kind": path.kind, "precision": path.precision, **e2e})
+        entry["end_to_end"].append({"path": path.label, "kind": path.kind, "precision": path.precision,
+                                    "mode": path.mode, **e2e})

@@ -20,18 +20,25 @@ from swssl.bench.workload import Run
 TORCH_KINDS = ("torch", "torch-compiled")
 
 
-def path_label(kind: str, precision: str) -> str:
-    """How reports name one of our paths: 'torch eager fp32', 'onnxruntime fp32', 'aoti fp16', ..."""
-    return f"{'torch eager' if kind == 'torch' else kind} {precision}"
+def path_label(kind: str, precision: str, mode: str = "exact") -> str:
+    """How reports name one of our paths: 'torch eager fp32', 'onnxruntime fp32 dense', 'aoti fp16', ..."""
+    return f"{'torch eager' if kind == 'torch' else kind} {precision}" + (" dense" if mode == "dense" else "")
 
 
-def open_backend(run: Run, kind: str, precision: str, device: torch.device):
-    """The backend for one path: the encoder itself for torch kinds, else the run's verified export."""
+def open_backend(run: Run, kind: str, precision: str, device: torch.device, mode: str = "exact"):
+    """The backend for one path: the encoder itself for torch kinds, else the run's verified export of that mode."""
     from swssl.backends import TorchBackend, load_backend
 
     if kind in TORCH_KINDS:
         return TorchBackend(run.fresh_encoder(), device, compile=kind == "torch-compiled", precision=precision)
-    return load_backend(run.folder, kind, device, precision)[0]
+    return load_backend(run.folder, kind, device, precision, mode)[0]
+
+
+def first_slice(run: Run, images: Any) -> np.ndarray:
+    """The first benchmark slice at the run's geometry (what the runner embeds in resize geometry)."""
+    from swssl.datasets import load_resized
+
+    return load_resized(images.slides[0], run.config.geometry, run.config.preprocess.intensity)
 
 
 def sample_windows(run: Run, data: Path, count: int) -> torch.Tensor:
@@ -55,6 +62,23 @@ def encoder_throughput(backend: Any, windows: torch.Tensor, batches: list[int], 
                              min_seconds=min_seconds)
         rows.append({"batch": batch, "windows_per_s": timing.rate(batch), **timing.to_dict(), **peak.to_dict()})
     return rows
+
+
+def dense_throughput(backend: Any, image: np.ndarray, config: Any, device: torch.device, *, warmup: int,
+                     repeats: int, min_seconds: float) -> dict[str, Any]:
+    """Windows/s of dense embedding: one slice (already on the device) through `backend.feature_map` (in
+    tiles when large), every window of its grid pooled from the cells, the foreground test included."""
+    from swssl.dense import embed_dense
+    from swssl.geometry import grid
+
+    pixels = torch.as_tensor(image, dtype=torch.float32).to(device)
+    rows, cols = grid(config.geometry, *pixels.shape)
+    windows = len(rows) * len(cols)
+    with PeakMemory(device) as peak:
+        timing = measure(lambda: embed_dense(backend.feature_map, pixels, config), warmup=warmup, repeats=repeats,
+                         device=device, min_seconds=min_seconds)
+    return {"batch": "slice", "windows_per_slice": windows, "windows_per_s": timing.rate(windows),
+            **timing.to_dict(), **peak.to_dict()}
 
 
 def official_way(encoder: torch.nn.Module, image: np.ndarray, config: Any, device: torch.device, *, windows: int,
@@ -95,7 +119,8 @@ def official_way(encoder: torch.nn.Module, image: np.ndarray, config: Any, devic
             **timing.to_dict(), **peak.to_dict()}
 
 
-def load_runner_model(run: Run, kind: str, precision: str, device: torch.device) -> tuple[Any, str | None]:
+def load_runner_model(run: Run, kind: str, precision: str, device: torch.device,
+                      mode: str = "exact") -> tuple[Any, str | None]:
     """`swssl.infer.load_model` (what swssl-infer does), and a note when it could not be used as it is.
 
     load_model derives the weights digest from a torch backend's own encoder, which fails once the
@@ -105,14 +130,14 @@ def load_runner_model(run: Run, kind: str, precision: str, device: torch.device)
     from swssl import infer
 
     try:
-        return infer.load_model(run.folder, kind, device, precision), None
+        return infer.load_model(run.folder, kind, device, precision, mode), None
     except Exception as exc:
         if kind not in TORCH_KINDS or precision == "fp32":
             raise
         from swssl.backends import load_backend
         from swssl.bank import MemoryBank
 
-        backend, config = load_backend(run.folder, kind, device, precision)
+        backend, config = load_backend(run.folder, kind, device, precision, mode)
         bank = MemoryBank.load(run.folder, config=config, encoder_digest=run.digest)
         note = (f"swssl.infer.load_model failed for {kind} {precision} ({type(exc).__name__}: {exc}); "
                 "the runner got the same backend and bank assembled by the bench")
@@ -120,14 +145,14 @@ def load_runner_model(run: Run, kind: str, precision: str, device: torch.device)
 
 
 def end_to_end(run: Run, slides: list[Path], kind: str, precision: str, device: torch.device, batch: int,
-               out: Path) -> dict[str, Any]:
+               out: Path, mode: str = "exact") -> dict[str, Any]:
     """swssl-infer's runner (`run_inference`, the run's resize geometry, aligned scorer) over `slides`, after
     a warm-up slide. Model loading is timed apart; slides/s is over the whole call (reading, resizing,
     windows, encoding, scoring, result files); seconds per slide are the runner's own per-slide times."""
     from swssl.infer import choose_settings, read_results, run_inference
 
     started = time.perf_counter()
-    model, note = load_runner_model(run, kind, precision, device)
+    model, note = load_runner_model(run, kind, precision, device, mode)
     load_seconds = time.perf_counter() - started
     settings = choose_settings(model.config, None, None, None, batch, False)
     quiet = lambda text: None  # noqa: E731
@@ -143,11 +168,11 @@ def end_to_end(run: Run, slides: list[Path], kind: str, precision: str, device: 
 
 
 def native_slide(run: Run, slide: Path, kind: str, precision: str, device: torch.device, batch: int,
-                 out: Path) -> dict[str, Any]:
+                 out: Path, mode: str = "exact") -> dict[str, Any]:
     """One large slide through the runner's native streaming path (scale 1, global scorer, background skipped)."""
     from swssl.infer import choose_settings, read_results, run_inference
 
-    model, _ = load_runner_model(run, kind, precision, device)
+    model, _ = load_runner_model(run, kind, precision, device, mode)
     settings = choose_settings(model.config, None, None, 1.0, batch, False)
     with PeakMemory(device) as peak:
         started = time.perf_counter()

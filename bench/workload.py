@@ -27,7 +27,7 @@ from swssl.model import PatchEncoder
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEMO_DATA = Path("data/demo")
-SMOKE_GEOMETRY = {"height": 128, "width": 96, "patch": 32, "step": 16}
+SMOKE_GEOMETRY = {"height": 128, "width": 96, "patch": 32, "step": 32}  # dense mode needs multiples of 32
 
 
 def ensure_tqdm() -> bool:
@@ -142,8 +142,8 @@ class Run:
 
 
 def make_run(folder: Path, backbone: str, images: Images, device: torch.device, geometry: dict[str, int] | None = None,
-             batch_size: int = 256, seed: int = 0) -> Run:
-    """A run directory with a random-weight encoder checkpoint and a memory bank of `images.bank`."""
+             batch_size: int = 256, seed: int = 0, modes: tuple[str, ...] | list[str] = ("exact",)) -> Run:
+    """A run directory with a random-weight encoder checkpoint and a memory bank of `images.bank` per geometry mode."""
     from swssl.backends import TorchBackend
     from swssl.bank import bank_file, build_bank
     from swssl.checkpoint import CHECKPOINT, save_checkpoint, weights_digest
@@ -164,20 +164,23 @@ def make_run(folder: Path, backbone: str, images: Images, device: torch.device, 
     started = time.perf_counter()
     samples = [Sample(path=path, label=0, split="train") for path in images.bank]
     backend = TorchBackend(copy.deepcopy(encoder), device)
-    bank = build_bank(backend, samples, config, digest, batch_size, device)
-    bank.save(bank_file(folder, config.geometry.mode))
+    for mode in modes:
+        bank = build_bank(backend, samples, config.with_mode(mode), digest, batch_size, device)
+        bank.save(bank_file(folder, mode))
     del backend
     return Run(backbone, folder, config, encoder, digest,
                {"checkpoint": checkpoint_seconds, "bank": time.perf_counter() - started})
 
 
-def export(run: Run, data: Path, kind: str, precision: str, device: torch.device, profile: Any) -> float:
-    """Make one verified artifact (kind: onnx | aoti | tensorrt) under RUN/export; returns the seconds it took."""
+def export(run: Run, data: Path, kind: str, precision: str, device: torch.device, profile: Any,
+           mode: str = "exact") -> float:
+    """Make one verified artifact (kind: onnx | aoti | tensorrt; mode: exact | dense) under RUN/export; returns
+    the seconds it took. `profile` None: the export's default batch profile for the mode."""
     from swssl.export.pipeline import ExportRequest, export_run
 
     started = time.perf_counter()
     request = ExportRequest(onnx=kind == "onnx", aoti=kind == "aoti", trt=kind == "tensorrt", precision=precision,
-                            batch=profile, device=str(device), data=data)
+                            batch=profile, device=str(device), data=data, mode=mode)
     export_run(run.folder, request, echo=lambda text: None)
     return time.perf_counter() - started
 

@@ -187,15 +187,19 @@ def test_smoke_run_writes_a_valid_report(tmp_path):
     assert data["format"] == report.FORMAT and data["finished"] and data["machine"]["cores"] >= 1
     [model] = data["models"]
     assert not model["errors"] and model["flops_per_window"] > 0
-    assert model["official"]["windows_per_s"] > 0 and model["official"]["grid_windows"] == 6 * 4
-    assert {row["batch"] for row in model["encoder"]} == {1, 4}
-    [e2e] = model["end_to_end"]
-    assert e2e["slides"] == 2 and e2e["seconds_per_slide_median"] > 0
-    assert model["native"]["windows_scored"] + model["native"]["windows_skipped"] == 15 * 15
-    assert model["native"]["skipped_share"] > 0.3  # the generated slide's background is not encoded
+    assert model["official"]["windows_per_s"] > 0 and model["official"]["grid_windows"] == 3 * 2
+    assert {row["batch"] for row in model["encoder"] if row["mode"] == "exact"} == {1, 4}
+    [dense] = [row for row in model["encoder"] if row["mode"] == "dense"]
+    assert dense["path"] == "torch eager fp32 dense" and dense["windows_per_slice"] == 4 * 3
+    assert dense["windows_per_s"] > 0 and 0 < model["dense_flops_per_window"] <= model["flops_per_window"]  # step = patch
+    assert [(r["mode"], r["slides"]) for r in model["end_to_end"]] == [("exact", 2), ("dense", 2)]
+    for native in (model["native"], model["native_dense"]):
+        assert native["windows_scored"] + native["windows_skipped"] == 8 * 8
+        assert native["skipped_share"] > 0.3  # the generated slide's background is not encoded
     assert model["ratios"][0]["slide_speedup"] > 0
     text = (out / "smoke.md").read_text()
     assert "Smoke run" in text and "Ratios to the official way" in text and (out / "smoke.png").is_file()
+    assert "Dense mode against exact mode" in text and "| torch eager fp32 dense |" in text
 
 
 def test_options_rejects_unknown_backends_and_precisions(tmp_path):
@@ -213,3 +217,19 @@ def test_defaults_by_device_and_smoke():
 
 def test_gpu_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")], check=True)
+
+
+def test_dense_rows_are_set_beside_the_same_path_in_exact_mode():
+    result = fake_result()
+    model = result["models"][0]
+    model["encoder"].append({"path": "onnxruntime fp32 dense", "kind": "onnxruntime", "precision": "fp32",
+                             "mode": "dense", "batch": "slice", "windows_per_s": 2000.0, "median_s": 0.3, "p95_s": 0.3})
+    model["end_to_end"].append({**model["end_to_end"][0], "path": "onnxruntime fp32 dense", "mode": "dense",
+                                "seconds_per_slide_median": 0.35})
+    [row] = report.dense_rows(model)
+    assert row["encoder_vs_exact"] == pytest.approx(5.0) and row["slide_vs_exact"] == pytest.approx(4.0)
+    assert row["slide_speedup"] == pytest.approx(16.0)  # 5.6 s the official way / 0.35 s
+    text = report.render_markdown(result, None)
+    assert "| onnxruntime fp32 dense | 2,000 | 400 (onnxruntime fp32) | 5.0x | 350 ms | 1.40 s | 4.0x | 16.0x |" in text
+    assert "dense mode: onnxruntime fp32 dense 350 ms per slice end to end (4.0x its exact-mode path, " \
+           "16.0x the official way)" in " ".join(report.headline(result))
