@@ -5,7 +5,8 @@
 # ${OUT:-bench/reports}. Sections (SECTIONS="bench export" by default, in that order):
 # - bench: the swssl-bench suite on CUDA (wide_resnet50_2 and resnet18; torch eager fp32/bf16/fp16
 #   channels_last, AOTInductor fp16, ONNX Runtime only with a CUDA provider, TensorRT only when
-#   installed; batches 1..512; the runner end to end on generated DBT-sized slices, since pydicom is
+#   installed; each in exact and dense mode (one trunk pass per slice);
+#   batches 1..512; the runner end to end on generated DBT-sized slices, since pydicom is
 #   not there to build the demo data, unless data/demo was carried along; an 8192 x 8192 native
 #   slide; the official batch-1 loop). Steps stop starting after BENCH_BUDGET seconds (default 200)
 #   and the section is killed at BENCH_BUDGET + 90 s, so it ends within 5 minutes; its report,
