@@ -5,9 +5,10 @@
 Builds a tiny resnet18 run (random weights, generated images), exports AOTInductor packages
 for CUDA in fp32, fp16 and bf16 (each verified by the export itself against the CPU fp32
 reference), checks the eager encoder under the same precisions on CUDA, the ONNX file under
-ONNX Runtime (CPU, and CUDA with IO binding when that provider exists), `auto`'s choice, and
-times each backend. Writes gpu-export.md and gpu-export.json to --out as it goes, so a run
-cut short still leaves what it found. Exit status 1 when any parity check failed.
+ONNX Runtime (CPU, and CUDA with IO binding when that provider exists), the same artifacts in
+dense mode (feature map: whole images in, cells out), `auto`'s choice, and times each backend.
+Writes gpu-export.md and gpu-export.json to --out as it goes, so a run cut short still leaves
+what it found. Exit status 1 when any parity check failed.
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ def run_checks(report: Report, work: Path, precisions: list[str], device: torch.
     from swssl import backends
     from swssl.export import verify as verification
     from swssl.export.errors import VerificationError
+    from swssl.export.graph import GraphSpec
     from swssl.export.manifest import gpu_info, library_versions
     from swssl.export.pipeline import ExportRequest, export_run, load_source
     from swssl.export.profile import BatchProfile
@@ -93,6 +95,14 @@ def run_checks(report: Report, work: Path, precisions: list[str], device: torch.
     profile = BatchProfile(1, 64, 256)
     windows, where = verification.training_windows(source.config, run, data, verification.default_window_count(profile))
     reference = verification.reference_embeddings(source.encoder, windows)
+
+    def probe(mode: str) -> verification.Probe:
+        """What an artifact of `mode` is checked on: the windows above, or whole training images (dense)."""
+        config = source.config.with_mode(mode)
+        if mode == "exact":
+            return verification.Probe(GraphSpec.of(config, profile), windows, reference, where)
+        return verification.make_probe(source.encoder, config, GraphSpec.of(config, BatchProfile(1, 1, 1)), run, data)
+
     report.line(f"Run: resnet18, random weights, patch 128; verification on {where}; reference: CPU fp32.")
     report.line()
     report.line("## Parity with the PyTorch fp32 reference")
@@ -121,22 +131,26 @@ def run_checks(report: Report, work: Path, precisions: list[str], device: torch.
     for precision in precisions:
         report.step(f"torch eager {precision}", lambda p=precision: eager(p))
 
-    def aoti(precision: str) -> None:
+    def aoti(precision: str, mode: str = "exact") -> None:
         started = time.perf_counter()
-        request = ExportRequest(aoti=True, precision=precision, batch=profile, device=str(device), data=data)
-        manifest_path = run / "export" / f"aoti-{device.type}-{precision}" / "manifest.json"
+        request = ExportRequest(aoti=True, precision=precision, batch=profile if mode == "exact" else None,
+                                mode=mode, device=str(device), data=data)
+        dense = mode == "dense"
+        manifest_path = run / "export" / f"aoti-{device.type}-{precision}{'-dense' if dense else ''}" / "manifest.json"
         try:
             export_run(run, request, echo=lambda text: None)
         except VerificationError:  # past tolerance: the manifest still holds the numbers
             pass
         seconds = time.perf_counter() - started
         manifest = json.loads(manifest_path.read_text())
-        row(f"AOTInductor .pt2 ({device.type})", precision, manifest["verification"], seconds)
+        label = f"AOTInductor .pt2 ({device.type}{', dense' if dense else ''})"
+        row(label, precision, manifest["verification"], seconds)
 
-    for precision in precisions:
-        report.step(f"aoti {device.type} {precision}", lambda p=precision: aoti(p))
+    for mode in ("exact", "dense"):
+        for precision in precisions:
+            report.step(f"aoti {device.type} {precision} {mode}", lambda p=precision, m=mode: aoti(p, m))
 
-    def onnx() -> None:
+    def onnx(mode: str = "exact") -> None:
         import importlib.util
 
         absent = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
@@ -144,10 +158,11 @@ def run_checks(report: Report, work: Path, precisions: list[str], device: torch.
             report.line(f"| ONNX | - | - | - | - | - | not run: {', '.join(absent)} not installed | |")
             return
         started = time.perf_counter()
-        request = ExportRequest(onnx=True, batch=profile, data=data)
+        request = ExportRequest(onnx=True, batch=profile if mode == "exact" else None, mode=mode, data=data)
         [manifest_path] = export_run(run, request, echo=lambda text: None)
         manifest = json.loads(Path(manifest_path).read_text())
-        row("ONNX, onnxruntime CPU", "fp32", manifest["verification"], time.perf_counter() - started)
+        suffix = ", dense" if mode == "dense" else ""
+        row(f"ONNX, onnxruntime CPU{suffix}", "fp32", manifest["verification"], time.perf_counter() - started)
         import onnxruntime
 
         if device.type != "cuda":
@@ -156,12 +171,13 @@ def run_checks(report: Report, work: Path, precisions: list[str], device: torch.
             index = device.index if device.index is not None else torch.cuda.current_device()
             providers = [("CUDAExecutionProvider", {"device_id": index, "use_tf32": 0}), "CPUExecutionProvider"]
             backend = backends.OnnxRuntimeBackend(Path(manifest_path).parent / "model.onnx", device, providers)
-            row(f"ONNX, {backend.name} IO binding, TF32 off", "fp32",
-                verification.verify(backend, windows, reference, "fp32", profile, where, "cuda"), None)
+            row(f"ONNX, {backend.name} IO binding, TF32 off{suffix}", "fp32",
+                probe(mode).check(backend, "fp32", "cuda"), None)
         else:
             report.line("| ONNX, onnxruntime CUDA | - | - | - | - | - | not run: this onnxruntime has no CUDA provider | |")
 
     report.step("onnx", onnx)
+    report.step("onnx dense", lambda: onnx("dense"))
 
     def auto() -> None:
         backend, _ = backends.load_backend(run, "auto", device)

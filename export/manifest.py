@@ -2,8 +2,9 @@
 
 The loaders read it before they touch the artifact and refuse one that does not fit: bytes
 changed since export (sha256), another checkpoint (weights digest), other geometry or
-preprocessing, another device type, GPU or TensorRT version. The refusal names each
-mismatch and the command that rebuilds the artifact.
+preprocessing, another geometry mode (an exact artifact for a dense run, or the reverse), another
+device type, GPU or TensorRT version. The refusal names each mismatch and the command that
+rebuilds the artifact (or makes one in the run's mode).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from swssl.export.profile import BatchProfile
 FORMAT = "swssl-export/1"
 MANIFEST = "manifest.json"
 KIND_FLAGS = {"onnx": "--onnx", "tensorrt": "--trt", "aoti": "--aoti"}
+INTERFACES = {"exact": "windows in, embeddings out", "dense": "images in, feature cells out"}
 # Distribution names under which each library may be installed (first found wins).
 _DISTRIBUTIONS = {
     "torch": ("torch",), "torchvision": ("torchvision",), "onnx": ("onnx",), "onnxscript": ("onnxscript",),
@@ -94,16 +96,19 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def rebuild_command(manifest: dict[str, Any], run_dir: str | Path | None = None) -> str:
-    """The swssl-export command line that makes this artifact again."""
+def rebuild_command(manifest: dict[str, Any], run_dir: str | Path | None = None, mode: str | None = None) -> str:
+    """The swssl-export command line that makes this artifact again (in geometry `mode`, when given)."""
     run = Path(run_dir) if run_dir is not None else Path(manifest.get("source", {}).get("run_dir", "RUN_DIR"))
     kind = manifest.get("kind", "onnx")
+    own = _mode(manifest)
+    mode = mode or own
     parts = ["swssl-export", str(run), KIND_FLAGS.get(kind, "--onnx")]
     if kind != "onnx":
         parts += ["--precision", manifest.get("precision", "fp32")]
     if kind == "aoti":
         parts += ["--device", manifest.get("device", "cpu")]
-    if "batch" in manifest:
+    parts += mode_flags(mode, manifest.get("source", {}).get("run_mode"))
+    if "batch" in manifest and mode == own:  # another mode's batch counts other things: its default applies
         parts += ["--batch", BatchProfile.from_dict(manifest["batch"]).text]
     if kind == "tensorrt" and manifest.get("tensorrt", {}).get("version_compatible"):
         parts.append("--version-compatible")
@@ -149,6 +154,7 @@ def check_manifest(manifest: dict[str, Any], *, digest: str | None = None, confi
     if digest is not None and source.get("weights_digest") != digest:
         problems.append(f"exported from other weights (digest {str(source.get('weights_digest'))[:12]}, "
                         f"the run's checkpoint has {digest[:12]})")
+    other_mode = config is not None and config.geometry.mode != _mode(manifest)
     if config is not None:
         problems += _config_differences(Config.from_dict(manifest.get("config", {})), config)
     kind = manifest.get("kind")
@@ -165,18 +171,36 @@ def check_manifest(manifest: dict[str, Any], *, digest: str | None = None, confi
         problems += _engine_differences(manifest, runtime if runtime is not None
                                         else current_runtime(device or torch.device("cuda")))
     if problems:
-        raise ArtifactMismatch(f"{artifact}: refused: {'; '.join(problems)}; rebuild it with: "
-                               f"{rebuild_command(manifest, run_dir)}")
+        advice = f"make one for {config.geometry.mode} mode with" if other_mode else "rebuild it with"
+        raise ArtifactMismatch(f"{artifact}: refused: {'; '.join(problems)}; {advice}: "
+                               f"{rebuild_command(manifest, run_dir, config.geometry.mode if other_mode else None)}")
     return artifact
+
+
+def mode_flags(mode: str, run_mode: str | None) -> list[str]:
+    """The --mode option of a command line: always for dense, and for exact where the run's own mode is dense."""
+    return ["--mode", mode] if "dense" in (mode, run_mode) else []
+
+
+def _mode(manifest: dict[str, Any]) -> str:
+    """The geometry mode an artifact was exported in (manifests from before dense mode: exact)."""
+    return manifest.get("config", {}).get("geometry", {}).get("mode", "exact")
 
 
 def _config_differences(ours: Config, run: Config) -> list[str]:
     a, b = ours.to_dict(), run.to_dict()
-    found = [f"{section}.{key}: export {a[section][key]!r}, run {b[section][key]!r}"
+    found = [_difference(section, key, a[section][key], b[section][key])
              for section in ("geometry", "preprocess") for key in a[section] if a[section][key] != b[section][key]]
     if ours.model.backbone != run.model.backbone:
         found.append(f"model.backbone: export {ours.model.backbone!r}, run {run.model.backbone!r}")
     return found
+
+
+def _difference(section: str, key: str, export: Any, run: Any) -> str:
+    if (section, key) == ("geometry", "mode"):
+        return (f"geometry.mode: exported in {export} mode ({INTERFACES.get(export, '?')}), "
+                f"the run is used in {run} mode")
+    return f"{section}.{key}: export {export!r}, run {run!r}"
 
 
 def _engine_differences(manifest: dict[str, Any], runtime: dict[str, Any]) -> list[str]:

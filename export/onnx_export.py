@@ -1,10 +1,11 @@
-"""The encoder as an ONNX graph: raw windows (N x 1 x P x P, float32 in [0, 1]) in, embeddings (N x D) out.
+"""The encoder as an ONNX graph: raw windows (N x 1 x P x P, float32 in [0, 1]) in, embeddings (N x D) out;
+in dense mode raw images (N x 1 x H x W) in, feature cells (N x D x H/32 x W/32) out (swssl/export/graph.py).
 
 The channel replication and the normalisation are inside the graph (they are in
 PatchEncoder.forward); the projector, which only the loss uses, is not. The batch axis is
-dynamic ("batch"). The file is always float32: reduced precision is TensorRT's job
-(`--trt --precision fp16|bf16|int8` builds from this file), which keeps one ONNX file valid for
-every runtime.
+dynamic ("batch"), and so are H and W of a dense graph. The file is always float32: reduced
+precision is TensorRT's job (`--trt --precision fp16|bf16|int8` builds from this file), which
+keeps one ONNX file valid for every runtime.
 
 Exporter: torch.export-based (`dynamo=True`, the default since torch 2.9) at opset 18. Measured
 on 2 CPU cores with torch 2.14: resnet18 2.6 s, wide_resnet50_2 6.5 s (64 px windows); the
@@ -22,11 +23,9 @@ from typing import Any
 import torch
 
 from swssl.export.errors import ExportError, MissingRequirement
-from swssl.export.profile import BatchProfile
+from swssl.export.graph import GraphSpec, io_names, named_axes
 from swssl.model import PatchEncoder
 
-INPUT = "windows"
-OUTPUT = "embeddings"
 DEFAULT_OPSET = 18
 PROTOBUF_LIMIT = 2 * 1024**3  # a single ONNX protobuf cannot exceed 2 GB
 EXTERNAL_DATA_THRESHOLD = int(PROTOBUF_LIMIT * 0.9)  # headroom for the graph itself
@@ -41,9 +40,9 @@ def require_onnx() -> None:
                                  "pip install 'swssl[export]'") from None
 
 
-def export_onnx(encoder: PatchEncoder, patch: int, path: Path, profile: BatchProfile, opset: int = DEFAULT_OPSET,
+def export_onnx(encoder: PatchEncoder, spec: GraphSpec, path: Path, opset: int = DEFAULT_OPSET,
                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, Any]:
-    """Write the encoder to `path` (plus `path`.data when its weights pass the threshold); returns export facts."""
+    """Write the encoder's graph for `spec` to `path` (+ `path`.data past the threshold); returns export facts."""
     require_onnx()
     if opset < 17:
         raise ExportError(f"--opset must be 17 or more, not {opset}")
@@ -51,38 +50,27 @@ def export_onnx(encoder: PatchEncoder, patch: int, path: Path, profile: BatchPro
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
-    model = _inference_graph(encoder)
+    model = spec.module(encoder)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     external = weight_bytes > external_data_threshold
-    example = torch.rand(max(2, min(profile.opt, 4)), 1, patch, patch)
+    example = spec.example()
+    names = {"input_names": [spec.input_name], "output_names": [spec.output_name], "opset_version": opset}
     started = time.perf_counter()
     exporter = "dynamo" if opset >= 18 else "torchscript"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            batch = torch.export.Dim("batch", min=1, max=max(profile.max, 2))
-            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_shapes={"windows": {0: batch}}, opset_version=opset, external_data=external,
-                              optimize=True, verbose=False)
+            torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=spec.dynamic_shapes(),
+                              external_data=external, optimize=True, verbose=False, **names)
         else:
-            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=opset)
+            torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=named_axes(spec.mode), **names)
             if external:
                 _move_to_external_data(path)
     seconds = time.perf_counter() - started
-    info = check_onnx(path)
+    info = check_onnx(path, spec.mode)
     data = path.with_name(path.name + ".data")
     return {"exporter": exporter, "opset": info["opset"], "seconds": round(seconds, 2),
             "weight_bytes": weight_bytes, "external_data": [data.name] if data.is_file() else []}
-
-
-def _inference_graph(encoder: PatchEncoder) -> torch.nn.Module:
-    """A CPU float32 copy of the encoder without the projector (PatchEncoder.forward never uses it)."""
-    import copy
-
-    model = copy.deepcopy(encoder).float().cpu().eval()
-    model.projector = torch.nn.Identity()
-    return model
 
 
 def _move_to_external_data(path: Path) -> None:
@@ -93,8 +81,8 @@ def _move_to_external_data(path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
-def check_onnx(path: Path) -> dict[str, Any]:
-    """onnx.checker on the file (by path, so external data works), plus the interface we promise."""
+def check_onnx(path: Path, mode: str = "exact") -> dict[str, Any]:
+    """onnx.checker on the file (by path, so external data works), plus the interface we promise in `mode`."""
     import onnx
 
     try:
@@ -106,11 +94,13 @@ def check_onnx(path: Path) -> dict[str, Any]:
     if opset < 17:
         raise ExportError(f"{path}: opset {opset} < 17")
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    if [i.name for i in inputs] != [INPUT] or [o.name for o in model.graph.output] != [OUTPUT]:
-        raise ExportError(f"{path}: expected input {INPUT!r} and output {OUTPUT!r}, found "
+    expected = list(io_names(mode))
+    if [i.name for i in inputs] + [o.name for o in model.graph.output] != expected:
+        raise ExportError(f"{path}: expected input {expected[0]!r} and output {expected[1]!r}, found "
                           f"{[i.name for i in inputs]} -> {[o.name for o in model.graph.output]}")
     for value in (inputs[0], model.graph.output[0]):
-        first = value.type.tensor_type.shape.dim[0]
-        if not first.dim_param:
-            raise ExportError(f"{path}: the batch axis of {value.name!r} is not dynamic")
+        dims = value.type.tensor_type.shape.dim
+        for axis in named_axes(mode)[value.name]:
+            if not dims[axis].dim_param:
+                raise ExportError(f"{path}: axis {axis} of {value.name!r} is not dynamic")
     return {"opset": opset}

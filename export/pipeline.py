@@ -7,13 +7,18 @@ Artifacts go to OUT (default RUN_DIR/export), one folder each, with manifest.jso
     aoti-<cpu|cuda>-<precision>/model.pt2
     tensorrt.timing-cache             shared by every engine build on this GPU / TensorRT version
 
+Dense mode (`--mode dense`, default: the run's own mode) exports the trunk's feature map instead
+(images in, cells out: swssl/export/graph.py) to the same folders with a -dense suffix
+(onnx-dense/, tensorrt-fp16-dense/, aoti-cpu-fp32-dense/), so both modes live side by side; its
+batch profile counts images or tiles per call (default 1,1,1: swssl-infer runs one at a time).
+
 A failed verification still writes the manifest (with "passed": false, so loaders refuse the
 artifact) and then raises VerificationError with the numbers.
 """
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -24,10 +29,12 @@ from swssl.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_encoder, we
 from swssl.config import Config
 from swssl.export import verify as verification
 from swssl.export.errors import ArtifactMismatch, ExportError, MissingRequirement, VerificationError
-from swssl.export.manifest import (FORMAT, check_manifest, gpu_info, library_versions, read_manifest,
+from swssl.export.graph import GraphSpec
+from swssl.export.manifest import (FORMAT, check_manifest, gpu_info, library_versions, mode_flags, read_manifest,
                                    sha256_file, write_manifest)
-from swssl.export.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, INPUT, OUTPUT
-from swssl.export.profile import BatchProfile
+from swssl.export.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD
+from swssl.export.profile import DEFAULT_BATCH, DEFAULT_DENSE_BATCH, BatchProfile
+from swssl.export.verify import Probe
 from swssl.model import PatchEncoder
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -40,7 +47,8 @@ class ExportRequest:
     trt: bool = False
     aoti: bool = False
     precision: str = "fp32"
-    batch: BatchProfile = field(default_factory=BatchProfile)
+    batch: BatchProfile | None = None  # None: DEFAULT_BATCH windows, or DEFAULT_DENSE_BATCH images in dense mode
+    mode: str | None = None  # exact | dense; None: the run's own geometry.mode
     out: Path | None = None
     device: str = "auto"
     data: Path | None = None
@@ -66,7 +74,8 @@ class Source:
         return self.facts["weights_digest"]
 
 
-def load_source(run_dir: Path) -> Source:
+def load_source(run_dir: Path, mode: str | None = None) -> Source:
+    """The run's checkpoint, its encoder and configuration (in `mode` when given: ConfigError if invalid there)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MissingRequirement(f"{run_dir}: no such run directory (train one with swssl-train)")
@@ -76,7 +85,8 @@ def load_source(run_dir: Path) -> Source:
     encoder, config = load_encoder(state["path"])
     facts = {"run_dir": str(run_dir.resolve()), "checkpoint": state["path"].name,
              "checkpoint_sha256": sha256_file(state["path"]), "weights_digest": weights_digest(encoder),
-             "epoch": state["epoch"], "backbone": config.model.backbone}
+             "epoch": state["epoch"], "backbone": config.model.backbone, "run_mode": config.geometry.mode}
+    config = config.with_mode(mode)
     return Source(run_dir, encoder, config, facts)
 
 
@@ -84,7 +94,8 @@ def export_run(run_dir: Path, request: ExportRequest, echo: Callable[[str], None
     """Make every requested artifact of `run_dir`; returns their manifest paths."""
     if request.precision not in PRECISIONS:
         raise ExportError(f"unknown precision {request.precision!r}; choose from {', '.join(PRECISIONS)}")
-    request.batch.validate()
+    if request.batch is not None:
+        request.batch.validate()
     if not (request.onnx or request.trt or request.aoti):
         request.onnx = True
     if request.trt:  # fail before any work when the machine cannot build engines
@@ -100,12 +111,12 @@ def export_run(run_dir: Path, request: ExportRequest, echo: Callable[[str], None
         require_onnx()
     if request.aoti and request.precision == "int8":
         raise ExportError("AOTInductor exports fp32, fp16 or bf16; INT8 needs --trt")
-    source = load_source(run_dir)
+    source = load_source(run_dir, request.mode)
+    spec = _spec(source, request)
     out = Path(request.out) if request.out is not None else source.run_dir / "export"
-    count = request.verify_windows or verification.default_window_count(request.batch)
-    windows, where = verification.training_windows(source.config, source.run_dir, request.data, count)
-    reference = verification.reference_embeddings(source.encoder, windows)
-    echo(f"verification: {where}")
+    probe = verification.make_probe(source.encoder, source.config, spec, source.run_dir, request.data,
+                                    request.verify_windows)
+    echo(f"verification: {probe.where}")
     written: list[Path] = []
     failures: list[str] = []
 
@@ -118,17 +129,29 @@ def export_run(run_dir: Path, request: ExportRequest, echo: Callable[[str], None
     if request.onnx or request.trt:
         if request.onnx and request.precision != "fp32":
             echo(f"note: the ONNX file is float32; {request.precision} is built by TensorRT from it (--trt)")
-        onnx_manifest = _reusable_onnx(out / "onnx", source, request) if not request.onnx else None
+        onnx_folder = out / spec.folder("onnx")
+        onnx_manifest = _reusable_onnx(onnx_folder, source, request) if not request.onnx else None
         if onnx_manifest is None:
-            keep(export_onnx_artifact(source, out / "onnx", request, windows, reference, where, echo))
-            onnx_manifest = read_manifest(out / "onnx")
+            keep(export_onnx_artifact(source, onnx_folder, request, probe, echo))
+            onnx_manifest = read_manifest(onnx_folder)
     if request.trt and not failures:
-        keep(export_tensorrt_artifact(source, out, onnx_manifest, request, device, windows, reference, where, echo))
+        keep(export_tensorrt_artifact(source, out, onnx_manifest, request, device, probe, echo))
     if request.aoti:
-        keep(export_aoti_artifact(source, out, request, device, windows, reference, where, echo))
+        keep(export_aoti_artifact(source, out, request, device, probe, echo))
     if failures:
         raise VerificationError("; ".join(failures))
     return written
+
+
+def _spec(source: Source, request: ExportRequest) -> GraphSpec:
+    """The graph interface of this export: the source's mode, the request's batch profile or the mode's default."""
+    dense = source.config.geometry.mode == "dense"
+    if dense and request.trt and request.precision == "int8":
+        raise ExportError("dense engines are not INT8-calibrated (calibration runs at the profile's 1024 px OPT "
+                          "shape); use --precision fp16 or bf16 with --mode dense, or int8 in exact mode")
+    if request.batch is None:
+        request.batch = BatchProfile.parse(DEFAULT_DENSE_BATCH if dense else DEFAULT_BATCH)
+    return GraphSpec.of(source.config, request.batch)
 
 
 def _device(request: ExportRequest) -> torch.device:
@@ -144,26 +167,24 @@ def _device(request: ExportRequest) -> torch.device:
 
 
 def base_manifest(source: Source, kind: str, artifact: Path, precision: str, request: ExportRequest,
-                  device: str) -> dict[str, Any]:
-    patch, dim = source.config.geometry.patch, source.encoder.dim
+                  device: str, spec: GraphSpec) -> dict[str, Any]:
+    inputs, output = spec.manifest_io(source.encoder.dim)
     manifest = {
         "format": FORMAT, "kind": kind, "artifact": artifact.name, "artifact_sha256": sha256_file(artifact),
         "external_data": {}, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source.facts, "config": source.config.to_dict(),
-        "input": {"name": INPUT, "shape": ["batch", 1, patch, patch], "dtype": "float32", "range": [0.0, 1.0],
-                  "note": "raw grayscale windows; channel replication and normalisation are inside the graph"},
-        "output": {"name": OUTPUT, "shape": ["batch", dim], "dtype": "float32"},
+        "source": source.facts, "config": source.config.to_dict(), "input": inputs, "output": output,
         "precision": precision, "batch": request.batch.to_dict(), "device": device,
         "versions": library_versions(), "gpu": None,
     }
-    manifest["command"] = _command(source.run_dir, kind, precision, device, request)
+    manifest["command"] = _command(source, kind, precision, device, request, spec)
     return manifest
 
 
-def _command(run_dir: Path, kind: str, precision: str, device: str, request: ExportRequest) -> str:
-    parts = ["swssl-export", str(run_dir), {"onnx": "--onnx", "tensorrt": "--trt", "aoti": "--aoti"}[kind]]
+def _command(source: Source, kind: str, precision: str, device: str, request: ExportRequest, spec: GraphSpec) -> str:
+    parts = ["swssl-export", str(source.run_dir), {"onnx": "--onnx", "tensorrt": "--trt", "aoti": "--aoti"}[kind]]
     if kind != "onnx":
         parts += ["--precision", precision, "--device", device]
+    parts += mode_flags(spec.mode, source.facts["run_mode"])
     parts += ["--batch", request.batch.text]
     if request.out is not None:
         parts += ["--out", str(request.out)]
@@ -185,20 +206,19 @@ def _finish(folder: Path, manifest: dict[str, Any], report: dict[str, Any], echo
     return path, None
 
 
-def export_onnx_artifact(source: Source, folder: Path, request: ExportRequest, windows: torch.Tensor,
-                         reference: torch.Tensor, where: str, echo) -> tuple[Path, str | None]:
+def export_onnx_artifact(source: Source, folder: Path, request: ExportRequest, probe: Probe,
+                         echo) -> tuple[Path, str | None]:
     from swssl.backends import OnnxRuntimeBackend
     from swssl.export.onnx_export import export_onnx
 
     artifact = folder / "model.onnx"
     (folder / "manifest.json").unlink(missing_ok=True)  # no stale manifest beside a half-made artifact
-    info = export_onnx(source.encoder, source.config.geometry.patch, artifact, request.batch, request.opset,
-                       request.external_data_threshold)
-    manifest = base_manifest(source, "onnx", artifact, "fp32", request, "any")
+    info = export_onnx(source.encoder, probe.spec, artifact, request.opset, request.external_data_threshold)
+    manifest = base_manifest(source, "onnx", artifact, "fp32", request, "any", probe.spec)
     manifest["external_data"] = {name: sha256_file(folder / name) for name in info.pop("external_data")}
     manifest["export"] = info
     backend = OnnxRuntimeBackend(artifact, "cpu")  # the reference runtime for the graph itself
-    report = verification.verify(backend, windows, reference, "fp32", request.batch, where, "cpu")
+    report = probe.check(backend, "fp32", "cpu")
     report["runtime"] = f"onnxruntime {manifest['versions']['onnxruntime']} CPUExecutionProvider"
     return _finish(folder, manifest, report, echo, "onnx")
 
@@ -214,13 +234,12 @@ def _reusable_onnx(folder: Path, source: Source, request: ExportRequest) -> dict
 
 
 def export_tensorrt_artifact(source: Source, out: Path, onnx_manifest: dict[str, Any], request: ExportRequest,
-                             device: torch.device, windows: torch.Tensor, reference: torch.Tensor, where: str,
-                             echo) -> tuple[Path, str | None]:
+                             device: torch.device, probe: Probe, echo) -> tuple[Path, str | None]:
     from swssl.backends import TensorRTBackend
     from swssl.export.tensorrt_build import build_engine
 
     precision = request.precision
-    folder = out / f"tensorrt-{precision}"
+    folder = out / probe.spec.folder(f"tensorrt-{precision}")
     artifact = folder / "model.engine"
     (folder / "manifest.json").unlink(missing_ok=True)
     calibration = calibration_cache = None
@@ -229,36 +248,36 @@ def export_tensorrt_artifact(source: Source, out: Path, onnx_manifest: dict[str,
                                                        request.calibration_windows, seed=1)
         calibration_cache = folder / f"calibration-{source.digest[:12]}.cache"
     onnx_path = Path(onnx_manifest["_folder"]) / onnx_manifest["artifact"]
-    info = build_engine(onnx_path, artifact, source.config.geometry.patch, request.batch, precision, device,
+    info = build_engine(onnx_path, artifact, probe.spec, precision, device,
                         request.timing_cache or out / "tensorrt.timing-cache", calibration, calibration_cache,
                         request.version_compatible)
-    manifest = base_manifest(source, "tensorrt", artifact, precision, request, "cuda")
+    manifest = base_manifest(source, "tensorrt", artifact, precision, request, "cuda", probe.spec)
     manifest["versions"]["tensorrt"] = info.pop("tensorrt_version")
     manifest["gpu"] = gpu_info(device)
     manifest["tensorrt"] = {**info, "onnx": str(onnx_path), "onnx_sha256": onnx_manifest["artifact_sha256"]}
     backend = TensorRTBackend(artifact, device, request.version_compatible)
-    report = verification.verify(backend, windows, reference, precision, request.batch, where, str(device))
+    report = probe.check(backend, precision, device)
     return _finish(folder, manifest, report, echo, f"tensorrt {precision}")
 
 
-def export_aoti_artifact(source: Source, out: Path, request: ExportRequest, device: torch.device,
-                         windows: torch.Tensor, reference: torch.Tensor, where: str, echo) -> tuple[Path, str | None]:
+def export_aoti_artifact(source: Source, out: Path, request: ExportRequest, device: torch.device, probe: Probe,
+                         echo) -> tuple[Path, str | None]:
     from swssl.backends import AotiBackend
     from swssl.export.aoti import export_aoti
 
     precision = request.precision
-    folder = out / f"aoti-{device.type}-{precision}"
+    folder = out / probe.spec.folder(f"aoti-{device.type}-{precision}")
     artifact = folder / "model.pt2"
     (folder / "manifest.json").unlink(missing_ok=True)
     echo(f"aoti: compiling for {device} ({precision}); this takes a while")
     with strict_fp32(device, precision):  # no TF32 baked into an fp32 package's kernels
-        info = export_aoti(source.encoder, source.config.geometry.patch, artifact, request.batch, device, precision)
-    manifest = base_manifest(source, "aoti", artifact, precision, request, device.type)
+        info = export_aoti(source.encoder, probe.spec, artifact, device, precision)
+    manifest = base_manifest(source, "aoti", artifact, precision, request, device.type, probe.spec)
     manifest["gpu"] = gpu_info(device)
     manifest["export"] = info
-    backend = AotiBackend(artifact, device, request.batch.to_dict(), source.encoder.dim)
+    backend = AotiBackend(artifact, device, request.batch.to_dict(), source.encoder.dim, probe.spec.dense)
     with strict_fp32(device, precision):
-        report = verification.verify(backend, windows, reference, precision, request.batch, where, str(device))
+        report = probe.check(backend, precision, device)
     return _finish(folder, manifest, report, echo, f"aoti {device.type} {precision}")
 
 

@@ -1,7 +1,9 @@
 """The batch profile (min, opt, max windows per call) that every artifact is built and checked for.
 
 TensorRT needs it for its optimisation profile, AOTInductor for the dynamic batch dimension's
-range, and the loaders use `max` to split larger calls.
+range, and the loaders use `max` to split larger calls. Dense artifacts count images (tiles) per
+call instead: swssl-infer runs one at a time, and a TensorRT profile for 256 tiles of 2496 px
+would not fit in any GPU's memory, hence their default of one.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import asdict, dataclass
 from swssl.export.errors import ExportError
 
 DEFAULT_BATCH = "1,64,256"
+DEFAULT_DENSE_BATCH = "1,1,1"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """A TensorRT engine built from the ONNX file with the TensorRT (10.x) Python API.
 
-- One optimisation profile for the batch range (MIN, OPT, MAX) of the dynamic "windows" input.
+- One optimisation profile for the batch range (MIN, OPT, MAX) of the dynamic "windows" input;
+  for a dense graph ("images", swssl/export/graph.py) also over the image sides: one stride to a
+  whole tile with its halos (32 to 2496 px), tuned for 1024 x 1024. Dense engines are not
+  calibrated for INT8 (its calibration runs at the profile's OPT shape: a 1024 px image per batch).
 - fp32 (TF32 disabled, so it can meet the fp32 tolerance), FP16 or BF16 builder flags; the
   engine's inputs and outputs stay float32, so every backend has the same interface.
 - INT8 by post-training *calibration* (IInt8EntropyCalibrator2) on normal windows from the
@@ -27,8 +30,7 @@ from typing import Any
 import torch
 
 from swssl.export.errors import ExportError, MissingRequirement
-from swssl.export.onnx_export import INPUT
-from swssl.export.profile import BatchProfile
+from swssl.export.graph import GraphSpec
 
 WORKSPACE_BYTES = 4 << 30
 INSTALL_HINT = "pip install 'swssl[gpu]' (or the tensorrt wheel for your CUDA, e.g. pip install tensorrt-cu12)"
@@ -48,7 +50,7 @@ def require_tensorrt(device: torch.device | None = None):
     return tensorrt
 
 
-def build_engine(onnx_path: Path, engine_path: Path, patch: int, profile: BatchProfile, precision: str,
+def build_engine(onnx_path: Path, engine_path: Path, spec: GraphSpec, precision: str,
                  device: torch.device, timing_cache: Path, calibration_windows: torch.Tensor | None = None,
                  calibration_cache: Path | None = None, version_compatible: bool = False,
                  workspace: int = WORKSPACE_BYTES) -> dict[str, Any]:
@@ -65,9 +67,9 @@ def build_engine(onnx_path: Path, engine_path: Path, patch: int, profile: BatchP
             raise ExportError(f"{onnx_path}: TensorRT cannot parse the ONNX file: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-        shapes = [(n, 1, patch, patch) for n in (profile.min, profile.opt, profile.max)]
+        shapes = spec.shapes()
         optimisation = builder.create_optimization_profile()
-        optimisation.set_shape(INPUT, *shapes)
+        optimisation.set_shape(spec.input_name, shapes["min"], shapes["opt"], shapes["max"])
         config.add_optimization_profile(optimisation)
         calibration = None
         if precision == "fp32":
@@ -81,7 +83,7 @@ def build_engine(onnx_path: Path, engine_path: Path, patch: int, profile: BatchP
                 raise ExportError("INT8 needs calibration windows from the training data")
             config.set_flag(trt.BuilderFlag.INT8)
             config.set_flag(trt.BuilderFlag.FP16)
-            calibration = make_calibrator(trt, calibration_windows, min(profile.opt, len(calibration_windows)),
+            calibration = make_calibrator(trt, calibration_windows, min(spec.batch.opt, len(calibration_windows)),
                                           calibration_cache, device)
             config.int8_calibrator = calibration
             config.set_calibration_profile(optimisation)

@@ -53,17 +53,21 @@ def make_tiny_run(root: str | Path, backbone: str = "resnet18", height: int = 12
     return run, data
 
 
-def ensure_exports(run: Path, data: Path, batch: str = "1,4,16", onnx: bool = True, aoti: bool = True,
-                   device: str = "cpu") -> Path:
-    """The run's ONNX and AOTInductor exports (RUN_DIR/export), made once: an AOTI compile takes ~25 s."""
+def ensure_exports(run: Path, data: Path, batch: str | None = "1,4,16", onnx: bool = True, aoti: bool = True,
+                   device: str = "cpu", mode: str = "exact") -> Path:
+    """The run's ONNX and AOTInductor exports in `mode` (RUN_DIR/export), made once: an AOTI compile takes ~25 s.
+
+    `batch` None: the mode's default profile."""
     from swssl.export.pipeline import ExportRequest, export_run
     from swssl.export.profile import BatchProfile
 
     out = Path(run) / "export"
-    wanted = {"onnx": onnx, f"aoti-{device}-fp32": aoti}
-    for folder, needed in wanted.items():
+    suffix = "-dense" if mode == "dense" else ""
+    wanted = {"onnx": onnx, "aoti": aoti}
+    for kind, needed in wanted.items():
+        folder = f"onnx{suffix}" if kind == "onnx" else f"aoti-{device}-fp32{suffix}"
         if needed and not (out / folder / "manifest.json").is_file():
-            request = ExportRequest(onnx=folder == "onnx", aoti=folder != "onnx", batch=BatchProfile.parse(batch),
-                                    device=device, data=Path(data))
+            request = ExportRequest(onnx=kind == "onnx", aoti=kind == "aoti", mode=mode, device=device,
+                                    batch=BatchProfile.parse(batch) if batch else None, data=Path(data))
             export_run(Path(run), request, echo=lambda text: None)
     return out

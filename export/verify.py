@@ -1,14 +1,17 @@
-"""Every export is checked against the PyTorch model on real windows before it is trusted.
+"""Every export is checked against the PyTorch model on real windows (or images) before it is trusted.
 
 Windows come from the run's training images (the `--data` given, else the images listed in the
-run's memory bank, else the demo data), cut on the run's grid, foreground only. The reference
-is the checkpoint's encoder in float32 on the CPU (no TF32, no reduced precision). Metrics:
+run's memory bank, else the demo data), cut on the run's grid, foreground only. A dense artifact
+(images in, feature cells out) is checked on DENSE_IMAGES of those images whole, resized to the
+run's geometry and zero-padded to the dense canvas, run as swssl-infer runs them (in tiles, when
+larger than one); its rows below are the cells' feature vectors. The reference is the
+checkpoint's encoder (its feature map) in float32 on the CPU (no TF32, no reduced precision). Metrics:
 
-- ``max_abs_error``: max |artifact - reference| over all embedding values;
+- ``max_abs_error``: max |artifact - reference| over all embedding (or cell) values;
 - ``max_rel_error``: max_abs_error / max |reference|, the error relative to the embedding scale
   (an element-wise relative error is meaningless for post-ReLU features near zero);
-- ``max_row_rel_error``: max over windows of ||a - r|| / ||r||;
-- ``min_cosine``: the smallest cosine similarity between an artifact and a reference embedding.
+- ``max_row_rel_error``: max over windows (cells) of ||a - r|| / ||r||;
+- ``min_cosine``: the smallest cosine similarity between an artifact and a reference embedding (cell).
 
 Tolerances (the export fails past them), from measurements on this project's encoders
 (resnet18 demo run and random wide_resnet50_2; CPU fp32 errors are ~1e-6 of the scale, bf16
@@ -33,19 +36,26 @@ import copy
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from swssl.config import Config
+from swssl.dense import FeatureMap, halo_for, tiled_feature_map
 from swssl.errors import SwsslError
 from swssl.export.errors import ExportError
+from swssl.export.graph import GraphSpec
 from swssl.export.profile import BatchProfile
 from swssl.model import PatchEncoder
 
+if TYPE_CHECKING:
+    from swssl.backends import Backend
+
 BANK_FILE = "bank.safetensors"  # swssl.bank.BANK, not imported: that module pulls in tqdm
 MAX_IMAGES = 8
+DENSE_IMAGES = 2  # whole training images a dense artifact is checked on
 EXTRA_WINDOWS = 7  # verification runs batches of MIN, OPT and this odd size
 
 
@@ -70,26 +80,46 @@ def default_window_count(profile: BatchProfile) -> int:
 def training_windows(config: Config, run_dir: str | Path | None = None, data: str | Path | None = None,
                      count: int = 72, seed: int = 0) -> tuple[torch.Tensor, str]:
     """`count` foreground windows (count x 1 x P x P, float32 CPU) from training images, and where they came from."""
-    paths, source = _training_images(run_dir, data)
-    g = config.geometry
-    from swssl.datasets import load_resized
     from swssl.geometry import grid, window_max
 
-    picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(MAX_IMAGES, len(paths))).round().astype(int)]
-    images, places = [], []
-    for index, (path, frame) in enumerate(dict.fromkeys(picked)):
-        image = torch.from_numpy(load_resized(path, g, config.preprocess.intensity, frame))
+    g = config.geometry
+    images, source = _resized_images(config, run_dir, data, MAX_IMAGES)
+    places = []
+    for index, image in enumerate(images):
         rows, cols = grid(g, *image.shape)
         foreground = window_max(image, rows, cols, g.patch) > config.preprocess.foreground_threshold
-        for r, c in foreground.nonzero().tolist():
-            places.append((len(images), int(rows[r]), int(cols[c])))
-        images.append(image)
+        places += [(index, int(rows[r]), int(cols[c])) for r, c in foreground.nonzero().tolist()]
     if not places:
         raise ExportError(f"no foreground windows in the training images of {source}; cannot verify the export")
     order = np.random.default_rng(seed).permutation(len(places))
     chosen = [places[i] for i in np.resize(order, count)]  # repeats only when there are fewer windows than count
     windows = torch.stack([images[i][y:y + g.patch, x:x + g.patch] for i, y, x in chosen]).unsqueeze(1)
     return windows.contiguous(), f"{count} windows from {len(images)} training images ({source})"
+
+
+def training_canvases(config: Config, run_dir: str | Path | None = None, data: str | Path | None = None,
+                      count: int = DENSE_IMAGES) -> tuple[list[torch.Tensor], str]:
+    """Up to `count` training images as dense mode embeds them (H x W float32 CPU, zero-padded to the
+    dense canvas: sides multiples of the stride; `config` is in dense mode), and where they came from."""
+    from swssl.geometry import canvas_shape
+
+    images, source = _resized_images(config, run_dir, data, count)
+    canvases = []
+    for image in images:
+        height, width = canvas_shape(*image.shape, config.geometry)
+        canvases.append(F.pad(image, (0, width - image.shape[1], 0, height - image.shape[0])))
+    return canvases, source
+
+
+def _resized_images(config: Config, run_dir: str | Path | None, data: str | Path | None,
+                    count: int) -> tuple[list[torch.Tensor], str]:
+    """Up to `count` training images spread over the list, resized to the run's geometry (float32 CPU)."""
+    from swssl.datasets import load_resized
+
+    paths, source = _training_images(run_dir, data)
+    picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)]
+    return [torch.from_numpy(load_resized(path, config.geometry, config.preprocess.intensity, frame))
+            for path, frame in dict.fromkeys(picked)], source
 
 
 def _training_images(run_dir: str | Path | None, data: str | Path | None) -> tuple[list[tuple[Path, int]], str]:
@@ -144,6 +174,13 @@ def reference_embeddings(encoder: PatchEncoder, windows: torch.Tensor, batch: in
     return torch.cat([model(chunk) for chunk in windows.cpu().float().split(batch)])
 
 
+@torch.inference_mode()
+def reference_cells(encoder: PatchEncoder, images: list[torch.Tensor], halo: int) -> list[torch.Tensor]:
+    """The checkpoint's feature map (D x H/32 x W/32 per image) in float32 on the CPU, run as dense mode runs it."""
+    model = copy.deepcopy(encoder).float().cpu().eval()
+    return [tiled_feature_map(model.feature_map, image.cpu().float(), halo) for image in images]
+
+
 def verification_batches(count: int, profile: BatchProfile) -> list[int]:
     """Batch sizes to run: MIN, OPT, then the rest (an odd size) in chunks of at most MAX."""
     sizes, left = [], count
@@ -187,12 +224,63 @@ def verify(run: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, r
             chunk = windows[start:start + size].to(device)
             outputs.append(run(chunk).float().cpu())
             start += size
-    metrics = compare(torch.cat(outputs), reference)
+    return _report(compare(torch.cat(outputs), reference), precision,
+                   {"windows": len(windows), "source": source, "batch_sizes": sizes, "device": str(device),
+                    "reference": "PyTorch encoder, float32, CPU"})
+
+
+def verify_dense(feature_map: FeatureMap, images: list[torch.Tensor], reference: list[torch.Tensor], precision: str,
+                 halo: int, source: str = "", device: str = "cpu") -> dict[str, Any]:
+    """Run a dense artifact's feature map on whole `images` (in tiles past one); compare its cells with `reference`."""
+    with torch.inference_mode():
+        outputs = [tiled_feature_map(feature_map, image.to(device), halo).float().cpu() for image in images]
+    metrics = compare(_cell_rows(outputs), _cell_rows(reference))
+    return _report(metrics, precision,
+                   {"images": len(images), "shapes": [list(image.shape) for image in images],
+                    "cells": sum(c[0].numel() for c in reference), "source": source, "device": str(device),
+                    "reference": "PyTorch encoder's feature_map, float32, CPU"})
+
+
+def _cell_rows(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Feature maps (D x h x w each) as one row per cell, so `compare` holds every cell vector to the tolerance."""
+    return torch.cat([cells.flatten(1).T for cells in maps])
+
+
+def _report(metrics: dict[str, float], precision: str, facts: dict[str, Any]) -> dict[str, Any]:
     tolerance = TOLERANCES[precision]
     passed = metrics["max_rel_error"] <= tolerance.max_rel_error and metrics["min_cosine"] >= tolerance.min_cosine
-    return {"windows": len(windows), "source": source, "batch_sizes": sizes, "device": str(device),
-            "reference": "PyTorch encoder, float32, CPU", **metrics,
-            "tolerance": asdict(tolerance), "passed": passed}
+    return {**facts, **metrics, "tolerance": asdict(tolerance), "passed": passed}
+
+
+@dataclass
+class Probe:
+    """What every artifact of one export is checked on: real inputs of its mode and the fp32 PyTorch outputs."""
+
+    spec: GraphSpec
+    inputs: torch.Tensor | list[torch.Tensor]  # windows (exact) or whole images (dense)
+    reference: torch.Tensor | list[torch.Tensor]
+    where: str
+    halo: int = 0
+
+    def check(self, backend: Backend, precision: str, device: str | torch.device) -> dict[str, Any]:
+        """The verification report of an artifact's backend (called like swssl-infer calls it in its mode)."""
+        if self.spec.dense:
+            return verify_dense(backend.feature_map, self.inputs, self.reference, precision, self.halo, self.where,
+                                str(device))
+        return verify(backend, self.inputs, self.reference, precision, self.spec.batch, self.where, str(device))
+
+
+def make_probe(encoder: PatchEncoder, config: Config, spec: GraphSpec, run_dir: str | Path | None = None,
+               data: str | Path | None = None, windows: int | None = None) -> Probe:
+    """Training windows (exact: `windows` of them, default MIN + OPT + 7) or images (dense) and their references."""
+    if spec.dense:
+        images, source = training_canvases(config, run_dir, data)
+        halo = halo_for(config.model.backbone)
+        sizes = ", ".join(f"{h} x {w}" for h, w in dict.fromkeys(tuple(i.shape) for i in images))
+        return Probe(spec, images, reference_cells(encoder, images, halo),
+                     f"{len(images)} training images ({sizes} px, {source})", halo)
+    inputs, where = training_windows(config, run_dir, data, windows or default_window_count(spec.batch))
+    return Probe(spec, inputs, reference_embeddings(encoder, inputs), where)
 
 
 def failure_message(artifact: Path, report: dict[str, Any], precision: str) -> str:
@@ -200,9 +288,16 @@ def failure_message(artifact: Path, report: dict[str, Any], precision: str) -> s
     return (f"{artifact}: verification failed for {precision}: max_rel_error {report['max_rel_error']:.3g} "
             f"(tolerance {t['max_rel_error']:g}), min_cosine {report['min_cosine']:.6f} "
             f"(tolerance {t['min_cosine']:g}), max_abs_error {report['max_abs_error']:.3g} "
-            f"on {report['windows']} windows; the artifact is kept for inspection but loaders refuse it")
+            f"on {_checked(report)}; the artifact is kept for inspection but loaders refuse it")
 
 
 def summary(report: dict[str, Any]) -> str:
     return (f"max abs {report['max_abs_error']:.2e}, max rel {report['max_rel_error']:.2e}, "
-            f"min cosine {report['min_cosine']:.6f} on {report['windows']} windows")
+            f"min cosine {report['min_cosine']:.6f} on {_checked(report)}")
+
+
+def _checked(report: dict[str, Any]) -> str:
+    """What a report compared: windows, or the cells of whole images."""
+    if "windows" in report:
+        return f"{report['windows']} windows"
+    return f"{report['cells']} cells of {report['images']} images"

@@ -2,7 +2,12 @@
 
 Every backend is called as `backend(windows)` with an N x 1 x P x P float32 tensor in [0, 1]
 (moved to `backend.device` if it is elsewhere) and returns N x D float32 embeddings on
-`backend.device`. Calls larger than `backend.max_batch` (the artifact's batch profile; None =
+`backend.device`. Dense mode calls `backend.feature_map(images)` instead: N x 1 x H x W in [0, 1]
+(H, W multiples of the trunk's stride) -> the trunk's cells N x D x H/32 x W/32, float32 on
+`backend.device`; swssl/dense.py pools windows from them. The torch backend has both; an
+exported artifact has the feature map only when exported in dense mode (`swssl-export --mode
+dense`), and such an artifact still answers `backend(windows)` (the mean of a window's cells is
+its exact embedding). Calls larger than `backend.max_batch` (the artifact's batch profile; None =
 unbounded) are split. The runner and the scorers never know which engine is behind it.
 
 - `TorchBackend`: the encoder itself, eager or `torch.compile`d, fp32 / fp16 / bf16.
@@ -11,10 +16,11 @@ unbounded) are split. The runner and the scorers never know which engine is behi
 - `TensorRTBackend`: a serialised engine, run with `execute_async_v3` on torch's current stream.
 - `AotiBackend`: an AOTInductor package (`torch._inductor.aoti_load_package`).
 
-`load_backend(model, kind, device)` opens a run directory (its checkpoint, or its exports under
-RUN_DIR/export/*/manifest.json) or one artifact file. Every artifact's manifest is checked first
-(swssl.export.manifest.check_manifest): changed bytes, other weights, geometry, device type, GPU
-or TensorRT version are refused with the command that rebuilds the artifact. `auto` takes the
+`load_backend(model, kind, device, precision, mode)` opens a run directory (its checkpoint, or its
+exports under RUN_DIR/export/*/manifest.json) or one artifact file, in the run's geometry mode or
+`mode`. Every artifact's manifest is checked first (swssl.export.manifest.check_manifest):
+changed bytes, other weights, geometry (the mode included), device type, GPU or TensorRT version
+are refused with the command that rebuilds the artifact. `auto` takes the
 first usable of tensorrt > aoti > onnxruntime > torch on CUDA, onnxruntime > aoti > torch on the
 CPU (measured: AUTO_ORDER), and says what it chose and why in `backend.reason`.
 """
@@ -24,15 +30,18 @@ from abc import ABC, abstractmethod
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from swssl.checkpoint import load_encoder, weights_digest
-from swssl.config import Config
+from swssl.config import TRUNK_STRIDE, Config
 from swssl.errors import SwsslError
 from swssl.model import PatchEncoder
+
+if TYPE_CHECKING:
+    from swssl.export.graph import GraphSpec
 
 KINDS = ("auto", "torch", "torch-compiled", "onnxruntime", "tensorrt", "aoti")
 # auto's order, fastest first. On CUDA: engines, then the compiled package, then ONNX Runtime's CUDA
@@ -65,16 +74,33 @@ class Backend(ABC):
     reason = ""
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        windows = windows.to(self.device, torch.float32, non_blocking=True)
-        if len(windows) == 0:
-            return torch.empty(0, self.dim, device=self.device)
-        if self.max_batch is None or len(windows) <= self.max_batch:
-            return self._run(windows.contiguous())
-        return torch.cat([self._run(chunk.contiguous()) for chunk in windows.split(self.max_batch)])
+        """Embeddings (N x D float32 on self.device) of raw windows (N x 1 x P x P in [0, 1])."""
+        return self._batched(self._run, windows, (self.dim,))
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's cells (N x D x H/32 x W/32 float32 on self.device) of raw images (N x 1 x H x W in [0, 1])."""
+        height, width = images.shape[-2:]
+        if height % TRUNK_STRIDE or width % TRUNK_STRIDE:
+            raise BackendError(f"dense mode needs image sides that are multiples of {TRUNK_STRIDE} px, "
+                               f"not {height} x {width}")
+        return self._batched(self._cells, images, (self.dim, height // TRUNK_STRIDE, width // TRUNK_STRIDE))
+
+    def _batched(self, run, inputs: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """`run` on float32 device inputs in chunks of at most max_batch; no inputs: an empty N x `shape` result."""
+        inputs = inputs.to(self.device, torch.float32, non_blocking=True)
+        if len(inputs) == 0:
+            return torch.empty(0, *shape, device=self.device)
+        if self.max_batch is None or len(inputs) <= self.max_batch:
+            return run(inputs.contiguous())
+        return torch.cat([run(chunk.contiguous()) for chunk in inputs.split(self.max_batch)])
 
     @abstractmethod
     def _run(self, windows: torch.Tensor) -> torch.Tensor:
         """Embeddings of one batch no larger than max_batch, on self.device (each engine runs its own way)."""
+
+    def _cells(self, images: torch.Tensor) -> torch.Tensor:
+        """Feature cells of one batch no larger than max_batch, on self.device (backends with a feature map)."""
+        raise BackendError(f"the {self.name} backend has no feature map: it cannot run in dense mode")
 
     def __repr__(self) -> str:
         where = f", artifact={self.artifact}" if self.artifact else ""
@@ -98,20 +124,62 @@ class TorchBackend(Backend):
             self.encoder = self.encoder.to(memory_format=torch.channels_last)
         if compile:
             self.name = "torch-compiled"
+        # torch.compile is lazy: each graph compiles at its first call, so the unused one costs nothing.
         self.forward = torch.compile(self.encoder, dynamic=True) if compile else self.encoder
+        self.cells = torch.compile(self.encoder.feature_map, dynamic=True) if compile else self.encoder.feature_map
 
     def _run(self, windows: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.forward(windows.to(self.dtype)).float()
 
+    def _cells(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.cells(images.to(self.dtype)).float()
 
-class OnnxRuntimeBackend(Backend):
-    """An ONNX file in ONNX Runtime; on CUDA, inputs and outputs stay in torch device memory (IO binding)."""
+
+class ArtifactBackend(Backend):
+    """An exported graph: exact (windows -> embeddings) or dense (images -> cells; `dense` True).
+
+    A dense graph answers windows too (the mean of a window's cells is its exact embedding), so
+    every caller of a backend keeps working; an exact graph has no feature map.
+    """
+
+    dense = False
+
+    @abstractmethod
+    def _infer(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The graph's float32 output for one batch no larger than max_batch, on self.device."""
+
+    def _run(self, windows: torch.Tensor) -> torch.Tensor:
+        out = self._infer(windows)
+        return out.mean(dim=(2, 3)) if self.dense else out
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.dense:
+            raise BackendError(f"{self.artifact}: an exact-mode artifact (windows in, embeddings out) has no feature "
+                               "map for dense mode; export one with --mode dense (swssl-export RUN_DIR --mode dense)")
+        return super().feature_map(images)
+
+    def _cells(self, images: torch.Tensor) -> torch.Tensor:
+        return self._infer(images)
+
+    def _output_shape(self, inputs: torch.Tensor) -> tuple[int, ...]:
+        """The graph's output shape for `inputs`: N x D, or N x D x H/32 x W/32 for a dense graph."""
+        if not self.dense:
+            return len(inputs), self.dim
+        return len(inputs), self.dim, inputs.shape[2] // TRUNK_STRIDE, inputs.shape[3] // TRUNK_STRIDE
+
+
+class OnnxRuntimeBackend(ArtifactBackend):
+    """An ONNX file in ONNX Runtime; on CUDA, inputs and outputs stay in torch device memory (IO binding).
+
+    `spec` (the interface its manifest records) gives the TensorRT provider its input profile.
+    """
 
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", providers: list | None = None,
-                 batch: dict[str, int] | None = None, threads: int | None = None):
+                 spec: GraphSpec | None = None, threads: int | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -125,31 +193,32 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             options.intra_op_num_threads = threads
         if providers is None:
-            providers = default_providers(self.device, ort.get_available_providers(), self.artifact, batch)
+            providers = default_providers(self.device, ort.get_available_providers(), self.artifact, spec)
         try:
             self.session = ort.InferenceSession(str(self.artifact), options, providers=providers)
         except Exception as exc:
             raise BackendError(f"{self.artifact}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from None
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
-        dim = self.session.get_outputs()[0].shape[-1]
-        self.dim = dim if isinstance(dim, int) else 0
+        output = self.session.get_outputs()[0]
+        self.output_name = output.name
+        self.dense = len(output.shape) == 4  # N x D x h x w cells, not N x D embeddings
+        self.dim = output.shape[1] if isinstance(output.shape[1], int) else 0
         on_gpu = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.io_binding = self.device.type == "cuda" and on_gpu
-        if self.providers[0] == "TensorrtExecutionProvider" and batch:
-            self.max_batch = int(batch["max"])
+        if self.providers[0] == "TensorrtExecutionProvider" and spec:
+            self.max_batch = spec.batch.max
         self.name = f"onnxruntime ({self.providers[0].removesuffix('ExecutionProvider')})"
 
-    def _run(self, windows: torch.Tensor) -> torch.Tensor:
+    def _infer(self, inputs: torch.Tensor) -> torch.Tensor:
         if not self.io_binding:
-            array = windows.detach().cpu().numpy()
+            array = inputs.detach().cpu().numpy()
             out = self.session.run([self.output_name], {self.input_name: array})[0]
             return torch.from_numpy(out).to(self.device).float()
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        out = torch.empty((len(windows), self.dim), dtype=torch.float32, device=self.device)
+        out = torch.empty(self._output_shape(inputs), dtype=torch.float32, device=self.device)
         binding = self.session.io_binding()
-        binding.bind_input(self.input_name, "cuda", index, np.float32, tuple(windows.shape), windows.data_ptr())
+        binding.bind_input(self.input_name, "cuda", index, np.float32, tuple(inputs.shape), inputs.data_ptr())
         binding.bind_output(self.output_name, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream: inputs must be ready
         self.session.run_with_iobinding(binding)
@@ -158,30 +227,31 @@ class OnnxRuntimeBackend(Backend):
 
 
 def default_providers(device: torch.device, available: list[str], artifact: Path,
-                      batch: dict[str, int] | None = None) -> list:
-    """TensorRT EP (when TensorRT is installed and a batch profile is known), then CUDA EP, on CUDA; else CPU."""
+                      spec: GraphSpec | None = None) -> list:
+    """TensorRT EP (when TensorRT is installed and the artifact's interface `spec` is known), then CUDA EP, on
+    CUDA; else CPU. The TensorRT profile spans the spec's batch range (and image sides, for a dense graph)."""
     if device.type != "cuda":
         return ["CPUExecutionProvider"]
     index = device.index if device.index is not None else torch.cuda.current_device()
     chosen: list = []
-    if "TensorrtExecutionProvider" in available and batch and importlib.util.find_spec("tensorrt"):
-        patch = batch.get("patch")
-        shape = (lambda n: f"windows:{n}x1x{patch}x{patch}") if patch else None
-        options: dict[str, Any] = {"device_id": index, "trt_engine_cache_enable": True,
-                                   "trt_engine_cache_path": str(artifact.parent / "ort-trt-cache"),
-                                   "trt_timing_cache_enable": True}
-        if shape:
-            options.update(trt_profile_min_shapes=shape(batch["min"]), trt_profile_opt_shapes=shape(batch["opt"]),
-                           trt_profile_max_shapes=shape(batch["max"]))
-        chosen.append(("TensorrtExecutionProvider", options))
+    if "TensorrtExecutionProvider" in available and spec and importlib.util.find_spec("tensorrt"):
+        profile = {f"trt_profile_{key}_shapes": f"{spec.input_name}:{'x'.join(map(str, shape))}"
+                   for key, shape in spec.shapes().items()}
+        chosen.append(("TensorrtExecutionProvider", {"device_id": index, "trt_engine_cache_enable": True,
+                                                     "trt_engine_cache_path": str(artifact.parent / "ort-trt-cache"),
+                                                     "trt_timing_cache_enable": True, **profile}))
     if "CUDAExecutionProvider" in available:
         chosen.append(("CUDAExecutionProvider", {"device_id": index}))
     chosen.append("CPUExecutionProvider")
     return chosen
 
 
-class TensorRTBackend(Backend):
-    """A serialised TensorRT engine, executed on torch's current CUDA stream with torch tensors' memory."""
+class TensorRTBackend(ArtifactBackend):
+    """A serialised TensorRT engine, executed on torch's current CUDA stream with torch tensors' memory.
+
+    The input shape is set per call and the output shape read back from the execution context
+    (TensorRT 10 API), so one code path serves exact engines and dense ones (any H x W in the profile).
+    """
 
     name = "tensorrt"
 
@@ -210,18 +280,24 @@ class TensorRTBackend(Backend):
         if len(inputs) != 1 or len(outputs) != 1:
             raise BackendError(f"{self.artifact}: expected one input and one output, found {inputs} -> {outputs}")
         self.input_name, self.output_name = inputs[0], outputs[0]
-        self.dim = int(self.engine.get_tensor_shape(self.output_name)[-1])
+        output_shape = tuple(self.engine.get_tensor_shape(self.output_name))  # -1 where dynamic
+        self.dense = len(output_shape) == 4
+        self.dim = int(output_shape[1])
         self.out_dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(self.output_name)))).dtype
-        low, _, high = self.engine.get_tensor_profile_shape(self.input_name, 0)
-        self.min_batch, self.max_batch = int(low[0]), int(high[0])
+        shapes = self.engine.get_tensor_profile_shape(self.input_name, 0)  # min, opt, max
+        self.profile = [tuple(int(d) for d in dims) for dims in shapes]
+        self.min_batch, self.max_batch = self.profile[0][0], self.profile[2][0]
 
-    def _run(self, windows: torch.Tensor) -> torch.Tensor:
-        count = len(windows)
-        if count < self.min_batch:  # below the profile: pad with empty windows, drop their rows
-            windows = torch.cat([windows, windows.new_zeros(self.min_batch - count, *windows.shape[1:])])
-        out = torch.empty((len(windows), self.dim), dtype=self.out_dtype, device=self.device)
-        self.context.set_input_shape(self.input_name, tuple(windows.shape))
-        self.context.set_tensor_address(self.input_name, windows.data_ptr())
+    def _infer(self, inputs: torch.Tensor) -> torch.Tensor:
+        count = len(inputs)
+        if count < self.min_batch:  # below the profile: pad with empty inputs, drop their rows
+            inputs = torch.cat([inputs, inputs.new_zeros(self.min_batch - count, *inputs.shape[1:])])
+        if not self.context.set_input_shape(self.input_name, tuple(inputs.shape)):
+            raise BackendError(f"{self.artifact}: input shape {tuple(inputs.shape)} is outside the engine's profile "
+                               f"({self.profile[0]} to {self.profile[2]})")
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.out_dtype,
+                          device=self.device)
+        self.context.set_tensor_address(self.input_name, inputs.data_ptr())
         self.context.set_tensor_address(self.output_name, out.data_ptr())
         stream = torch.cuda.current_stream(self.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
@@ -229,13 +305,13 @@ class TensorRTBackend(Backend):
         return out[:count].float()
 
 
-class AotiBackend(Backend):
-    """An AOTInductor package compiled for this device type."""
+class AotiBackend(ArtifactBackend):
+    """An AOTInductor package compiled for this device type (`dense`: of the feature map, from its manifest)."""
 
     name = "aoti"
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch: dict[str, int] | None = None,
-                 dim: int = 0):
+                 dim: int = 0, dense: bool = False):
         from swssl.export.aoti import load_package
 
         self.artifact = Path(path)
@@ -247,10 +323,11 @@ class AotiBackend(Backend):
                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
         self.max_batch = int(batch["max"]) if batch else None
         self.dim = dim
+        self.dense = dense
 
-    def _run(self, windows: torch.Tensor) -> torch.Tensor:
+    def _infer(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            out = self.model(windows)
+            out = self.model(inputs)
         return (out[0] if isinstance(out, (list, tuple)) else out).float()
 
 
@@ -264,12 +341,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def load_backend(model: str | Path, kind: str = "auto", device: str | torch.device = "cpu",
-                 precision: str | None = None) -> tuple[Backend, Config]:
+                 precision: str | None = None, mode: str | None = None) -> tuple[Backend, Config]:
     """The backend for a run directory or artifact file, and the configuration its inputs need.
 
     `kind`: auto | torch | torch-compiled | onnxruntime | tensorrt | aoti. `precision` restricts
-    the exports considered (auto never picks int8 unless asked). `backend.reason` says what
-    was chosen and why the faster kinds were passed over.
+    the exports considered (auto never picks int8 unless asked). `mode` (exact | dense; None: the
+    run's own) sets the returned configuration's geometry.mode before artifacts are matched, so
+    only artifacts exported in that mode are used (ConfigError where the geometry cannot be dense).
+    `backend.reason` says what was chosen and why the faster kinds were passed over.
     """
     if kind not in KINDS:
         raise BackendError(f"unknown backend {kind!r}; choose from {', '.join(KINDS)}")
@@ -278,15 +357,17 @@ def load_backend(model: str | Path, kind: str = "auto", device: str | torch.devi
     if not path.exists():
         raise BackendError(f"{path}: no such run directory or artifact")
     if path.is_dir():
-        return _from_run(path, kind, device, precision)
-    return _from_file(path, kind, device)
+        return _from_run(path, kind, device, precision, mode)
+    return _from_file(path, kind, device, mode)
 
 
-def _from_run(run: Path, kind: str, device: torch.device, precision: str | None) -> tuple[Backend, Config]:
+def _from_run(run: Path, kind: str, device: torch.device, precision: str | None,
+              mode: str | None) -> tuple[Backend, Config]:
     from swssl.export.errors import ArtifactMismatch
     from swssl.export.manifest import check_manifest
 
     encoder, config = load_encoder(run)
+    config = config.with_mode(mode)
     torch_precision = precision if precision in DTYPES else "fp32"
     if kind in ("torch", "torch-compiled"):
         if precision is not None and precision not in DTYPES:
@@ -309,15 +390,12 @@ def _from_run(run: Path, kind: str, device: torch.device, precision: str | None)
                 raise BackendError(f"{run}: {candidate} backend unusable here: {usable}")
             notes.append(f"{candidate}: {usable}")
             continue
-        options = _ordered(manifests, candidate, device, precision)
+        options = _ordered(manifests, candidate, device, precision, config.geometry.mode)
         if not options:
             if candidate == "onnxruntime" and precision not in (None, "fp32"):
                 message = f"the ONNX export is fp32 only ({precision} asked for)"
             else:
-                flags = EXPORT_FLAG[candidate] + (f" --precision {precision}" if precision else "")
-                flags += f" --device {device.type}" if candidate == "aoti" else ""
-                message = (f"no {candidate} export for {device.type}" + (f" in {precision}" if precision else "")
-                           + f" (make one: swssl-export {run} {flags})")
+                message = _no_export(run, candidate, device, precision, config.geometry.mode)
             if kind != "auto":
                 raise BackendError(f"{run}: {message}")
             notes.append(f"{candidate}: {message}")
@@ -338,6 +416,15 @@ def _from_run(run: Path, kind: str, device: torch.device, precision: str | None)
     raise BackendError(f"{run}: no usable {kind} backend ({'; '.join(notes)})")
 
 
+def _no_export(run: Path, kind: str, device: torch.device, precision: str | None, mode: str) -> str:
+    """Why there is no artifact to try, with the command that makes one."""
+    flags = EXPORT_FLAG[kind] + (f" --precision {precision}" if precision else "")
+    flags += f" --device {device.type}" if kind == "aoti" else ""
+    flags += " --mode dense" if mode == "dense" else ""
+    return (f"no {kind} export for {device.type}" + (f" in {precision}" if precision else "")
+            + (" in dense mode" if mode == "dense" else "") + f" (make one: swssl-export {run} {flags})")
+
+
 def _run_manifests(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     from swssl.export.errors import ArtifactMismatch
     from swssl.export.manifest import MANIFEST, read_manifest
@@ -351,13 +438,17 @@ def _run_manifests(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return manifests, notes
 
 
-def _ordered(manifests: list[dict[str, Any]], kind: str, device: torch.device,
-             precision: str | None) -> list[dict[str, Any]]:
-    """The exports a backend kind could run, best first: matching device, then preferred precision."""
+def _ordered(manifests: list[dict[str, Any]], kind: str, device: torch.device, precision: str | None,
+             mode: str = "exact") -> list[dict[str, Any]]:
+    """The exports a backend kind could run, best first: the run's mode, matching device, preferred precision.
+
+    Exports of the other mode stay last, so that when none of this mode exists the check refuses
+    them (asked for) or auto passes them over, saying which mode to export."""
     found = [m for m in manifests if ARTIFACT_BACKEND.get(m.get("kind")) == kind
              and (m.get("precision") == precision if precision else m.get("precision") != "int8")]
     rank = {p: i for i, p in enumerate(PRECISION_ORDER)}
-    return sorted(found, key=lambda m: (m.get("device", "any") not in ("any", device.type),
+    return sorted(found, key=lambda m: (m.get("config", {}).get("geometry", {}).get("mode", "exact") != mode,
+                                        m.get("device", "any") not in ("any", device.type),
                                         rank.get(m.get("precision"), len(rank))))
 
 
@@ -380,17 +471,18 @@ def _runtime_problem(kind: str, device: torch.device) -> str | None:
 
 
 def _open(kind: str, manifest: dict[str, Any], device: torch.device) -> Backend:
+    from swssl.export.graph import GraphSpec
+
     artifact = Path(manifest["_folder"]) / manifest["artifact"]
-    batch = dict(manifest.get("batch") or {}) or None
-    if batch is not None:
-        batch["patch"] = manifest.get("config", {}).get("geometry", {}).get("patch")
-    dim = int(manifest.get("output", {}).get("shape", [0, 0])[-1] or 0)
+    batch = manifest.get("batch") or None
+    spec = GraphSpec.from_manifest(manifest) if batch else None
+    dim = int(manifest.get("output", {}).get("shape", [0, 0])[1] or 0)
     if kind == "onnxruntime":
-        backend: Backend = OnnxRuntimeBackend(artifact, device, batch=batch)
+        backend: Backend = OnnxRuntimeBackend(artifact, device, spec=spec)
     elif kind == "tensorrt":
         backend = TensorRTBackend(artifact, device, bool(manifest.get("tensorrt", {}).get("version_compatible")))
     elif kind == "aoti":
-        backend = AotiBackend(artifact, device, batch, dim)
+        backend = AotiBackend(artifact, device, batch, dim, bool(spec and spec.dense))
     else:
         raise BackendError(f"unknown artifact kind {kind!r}")
     backend.dim = backend.dim or dim
@@ -399,7 +491,7 @@ def _open(kind: str, manifest: dict[str, Any], device: torch.device) -> Backend:
     return backend
 
 
-def _from_file(path: Path, kind: str, device: torch.device) -> tuple[Backend, Config]:
+def _from_file(path: Path, kind: str, device: torch.device, mode: str | None) -> tuple[Backend, Config]:
     from swssl.checkpoint import BEST, CHECKPOINT
     from swssl.export.manifest import check_manifest, read_manifest
 
@@ -412,21 +504,23 @@ def _from_file(path: Path, kind: str, device: torch.device) -> tuple[Backend, Co
         encoder, config = load_encoder(path)
         backend = TorchBackend(encoder, device, compile=kind == "torch-compiled")
         backend.reason = f"{backend.name}: checkpoint {path} on {device}"
-        return backend, config
+        return backend, config.with_mode(mode)
     manifest = read_manifest(path)
     if manifest.get("artifact") != path.name:
         raise BackendError(f"{path}: the manifest beside it describes {manifest.get('artifact')!r}, not this file")
     run = _source_run(path, manifest, (BEST, CHECKPOINT))
-    digest = config = None
+    digest = None
+    config = Config.from_dict(manifest["config"])  # without its run, the artifact's own (checked for the mode)
     if run is not None:
         encoder, config = load_encoder(run)
         digest = weights_digest(encoder)
+    config = config.with_mode(mode)
     check_manifest(manifest, digest=digest, config=config, device=device, run_dir=run)
     backend = _open(file_kind, manifest, device)
     backend.reason = (f"{backend.name} from {path} ({backend.precision}, {device})"
                       + ("" if run is not None else "; its run's checkpoint was not found, so the weights "
                                                     "digest was not checked (the file's sha256 was)"))
-    return backend, config if config is not None else Config.from_dict(manifest["config"])
+    return backend, config
 
 
 def _source_run(path: Path, manifest: dict[str, Any], checkpoints: tuple[str, ...]) -> Path | None:

@@ -57,8 +57,10 @@ def test_pixel_map_uncovered_pixels_take_the_minimum():
 def test_pixel_map_nothing_scored_is_zero_and_bad_windows_are_refused():
     rows, cols = np.array([0, 2]), np.array([0])
     assert (pixel_map(np.full((2, 1), np.nan), rows, cols, 3, (5, 4)) == 0).all()
+    clipped = pixel_map(np.array([[1.0], [3.0]]), rows, cols, 4, (5, 4))  # dense canvas: the last window is clipped
+    assert clipped[4, 0] == 3.0 and clipped[2, 0] == 2.0 and clipped[0, 3] == 1.0
     with pytest.raises(ValueError):
-        pixel_map(np.ones((2, 1)), rows, cols, 4, (5, 4))
+        pixel_map(np.ones((2, 1)), np.array([0, 5]), cols, 3, (5, 4))  # a window starting below the image
 
 
 def test_pixel_auroc_perfect_inverted_and_degenerate():
