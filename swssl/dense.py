@@ -89,12 +89,14 @@ def halo_for(backbone: str) -> int:
 
 
 def tiled_feature_map(feature_map: FeatureMap, image: torch.Tensor, halo: int, tile: int = DEFAULT_TILE,
-                      stride: int = TRUNK_STRIDE) -> torch.Tensor:
+                      stride: int = TRUNK_STRIDE, wanted: torch.Tensor | None = None) -> torch.Tensor:
     """The trunk's map (D x H/s x W/s) of `image` (H x W, both multiples of s), run in tiles.
 
     Each tile's core is `tile` px square; its input reaches `halo` px further on each side
     (clipped at the image border); only the core's cells are kept. With `halo` at least the
-    receptive field's reach the result equals `feature_map` of the whole image.
+    receptive field's reach the result equals `feature_map` of the whole image. `wanted` (H/s x
+    W/s bool): the cells needed; a tile whose core holds none is not run and its cells stay zero
+    (at least one cell must be wanted).
     """
     height, width = image.shape
     if height % stride or width % stride or tile % stride or halo % stride:
@@ -104,16 +106,40 @@ def tiled_feature_map(feature_map: FeatureMap, image: torch.Tensor, halo: int, t
     out: torch.Tensor | None = None
     for y in range(0, height, tile):
         for x in range(0, width, tile):
+            core_rows = slice(y // stride, min(y + tile, height) // stride)
+            core_cols = slice(x // stride, min(x + tile, width) // stride)
+            if wanted is not None and not wanted[core_rows, core_cols].any():
+                continue
             y0, x0 = max(0, y - halo), max(0, x - halo)
-            y1, x1 = min(height, y + tile + halo), min(width, x + tile + halo)
-            cells = feature_map(image[None, None, y0:y1, x0:x1])[0]
-            core = cells[:, (y - y0) // stride:(min(y + tile, height) - y0) // stride,
-                         (x - x0) // stride:(min(x + tile, width) - x0) // stride]
+            cells = feature_map(image[None, None, y0:min(height, y + tile + halo), x0:min(width, x + tile + halo)])[0]
             if out is None:
-                out = cells.new_empty((cells.shape[0], height // stride, width // stride))
-            out[:, y // stride:y // stride + core.shape[1], x // stride:x // stride + core.shape[2]] = core
-    assert out is not None
+                out = cells.new_zeros((cells.shape[0], height // stride, width // stride))
+            out[:, core_rows, core_cols] = cells[:, core_rows.start - y0 // stride:core_rows.stop - y0 // stride,
+                                                 core_cols.start - x0 // stride:core_cols.stop - x0 // stride]
+    if out is None:
+        raise ValueError("no cell of the image is wanted")
     return out
+
+
+def covered_cells(windows: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch: int, shape: tuple[int, int],
+                  stride: int = TRUNK_STRIDE) -> torch.Tensor:
+    """The cells (h x w bool) that the windows marked in `windows` (R x C bool, the dense grid) cover."""
+    size = patch // stride
+    r0, c0, step_r, step_c = _lattice(rows, cols, stride)
+    covered = torch.zeros(shape, dtype=torch.bool, device=windows.device)
+    for dy in range(size):
+        for dx in range(size):
+            ys = slice(r0 + dy, r0 + dy + (len(rows) - 1) * step_r + 1, step_r)
+            xs = slice(c0 + dx, c0 + dx + (len(cols) - 1) * step_c + 1, step_c)
+            covered[ys, xs] |= windows
+    return covered
+
+
+def _lattice(rows: np.ndarray, cols: np.ndarray, stride: int) -> tuple[int, int, int, int]:
+    """First cell and cell step of an evenly spaced dense grid, per axis."""
+    step_r = int(rows[1] - rows[0]) // stride if len(rows) > 1 else 1
+    step_c = int(cols[1] - cols[0]) // stride if len(cols) > 1 else 1
+    return int(rows[0]) // stride, int(cols[0]) // stride, step_r, step_c
 
 
 def pool_windows(cells: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch: int,
@@ -124,9 +150,7 @@ def pool_windows(cells: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch:
     are the windows' start pixels: multiples of `stride`, evenly spaced (the dense grid).
     """
     size = patch // stride
-    step_r = int(rows[1] - rows[0]) // stride if len(rows) > 1 else 1
-    step_c = int(cols[1] - cols[0]) // stride if len(cols) > 1 else 1
-    r0, c0 = int(rows[0]) // stride, int(cols[0]) // stride
+    r0, c0, step_r, step_c = _lattice(rows, cols, stride)
     region = cells[:, r0:r0 + (len(rows) - 1) * step_r + size, c0:c0 + (len(cols) - 1) * step_c + size]
     return F.avg_pool2d(region[None].float(), size, (step_r, step_c))[0].permute(1, 2, 0)
 

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from swssl.config import TRUNK_STRIDE, Config
-from swssl.dense import DEFAULT_TILE, FeatureMap, halo_for, pool_windows, tiled_feature_map
+from swssl.dense import DEFAULT_TILE, FeatureMap, covered_cells, halo_for, pool_windows, tiled_feature_map
 from swssl.embed import grid_windows
 from swssl.errors import ConfigError, ImageReadError
 from swssl.geometry import canvas_shape, grid, window_max
@@ -271,7 +271,8 @@ class SlideStream:
         slab is cut from a rolling strip of scaled rows, run through `dense.tiled_feature_map`
         (tiles of `tile` px along the columns), and each window pools its cells. As many window
         rows go in a band as keep the slab within `tile` rows. With `skip_background`, a band with
-        no foreground window is not run (its embeddings are None).
+        no foreground window is not run (its embeddings are None), nor a tile of a band whose
+        core holds no cell of a foreground window (those windows' embeddings are then meaningless).
         Memory: the strip and the slab (<= tile + halo rows x canvas width float32), the band's
         cells (D x tile/32 x width/32) and its window embeddings.
         """
@@ -301,7 +302,9 @@ class SlideStream:
                 self.foreground[r0:r0 + len(rows)] = foreground.cpu().numpy()
                 embeddings = None
                 if foreground.any() or not skip_background:
-                    cells = tiled_feature_map(feature_map, slab, halo, tile, stride)
+                    wanted = covered_cells(foreground, local, self.cols, self.patch,
+                                           (len(slab) // stride, canvas_w // stride)) if skip_background else None
+                    cells = tiled_feature_map(feature_map, slab, halo, tile, stride, wanted)
                     embeddings = pool_windows(cells, local, self.cols, self.patch, stride)
                 yield DenseBand(r0, embeddings, foreground)
             self._finish(source)

@@ -135,19 +135,42 @@ def test_stitched_tiles_equal_the_whole_image_map(resnet18, tile):
     assert (short_halo - whole).abs().max().item() > 1e-2 * scale  # the halo is needed: the check can fail
 
 
-@pytest.mark.parametrize("tile, block_rows", [(2048, None), (512, 40), (704, 96)])
-def test_streamed_bands_equal_the_image_in_memory(tmp_path, resnet18, tile, block_rows):
+def test_tiles_without_wanted_cells_are_not_run(resnet18):
+    image = torch.from_numpy(texture((512, 512), 4))
+    wanted = torch.zeros(16, 16, dtype=torch.bool)
+    wanted[1:3, 9:12] = True  # cells of one 128 px tile (4 x 4 cells): the first row, third column
+    calls = []
+
+    def counting(images):
+        calls.append(images.shape)
+        return resnet18.feature_map(images)
+
+    with torch.inference_mode():
+        whole = resnet18.feature_map(image[None, None])[0]
+        partial = tiled_feature_map(counting, image, halo_for("resnet18"), 128, wanted=wanted)
+    outside = torch.ones(16, 16, dtype=torch.bool)
+    outside[:4, 8:12] = False  # the one tile run
+    assert len(calls) == 1 and (partial[:, outside] == 0).all()
+    assert (partial[:, wanted] - whole[:, wanted]).abs().max().item() < 1e-5 * whole.abs().max().item()
+
+
+@pytest.mark.parametrize("tile, block_rows, skip", [(2048, None, False), (512, 40, False), (704, 96, False),
+                                                    (512, None, True)])
+def test_streamed_bands_equal_the_image_in_memory(tmp_path, resnet18, tile, block_rows, skip):
     config = dense_config()
     image = texture((700, 530), 2)
+    image[:300] = 0  # whole bands of background, and tiles of them
     np.save(tmp_path / "slide.npy", image)
     expected, foreground = embed_image(resnet18, image, config)
     with open_image(tmp_path / "slide.npy") as reader:
         stream = SlideStream(reader, 0, config, block_rows=block_rows)
         streamed = torch.full_like(expected, float("nan"))
-        for band in stream.dense_bands(resnet18.feature_map, tile=tile, skip_background=False):
-            streamed[band.first_row:band.first_row + len(band.foreground)] = band.embeddings
+        for band in stream.dense_bands(resnet18.feature_map, tile=tile, skip_background=skip):
+            if band.embeddings is not None:
+                streamed[band.first_row:band.first_row + len(band.foreground)] = band.embeddings
     assert np.array_equal(stream.foreground, foreground.numpy())
-    assert (streamed - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
+    compared = foreground if skip else torch.ones_like(foreground)
+    assert (streamed[compared] - expected[compared]).abs().max().item() < 1e-5 * expected.abs().max().item()
 
 
 def test_native_dense_scores_equal_scoring_in_memory(tmp_path, resnet18):
