@@ -26,7 +26,8 @@ $(VENV)/.installed: pyproject.toml
 $(DEMO_DATA)/manifest.csv: | setup
 	$(BIN)/swssl-demo-data $(DEMO_DATA)
 
-# Data, training (which ends by building the memory bank), evaluation on the test split.
+# Data, training (which ends by building the memory bank), evaluation on the test split in both
+# modes (exact, dense) side by side, exports, and the runner on the test slices in both modes.
 demo: setup $(DEMO_DATA)/manifest.csv
 	$(BIN)/swssl-train --preset demo --data $(DEMO_DATA) --out runs/demo
 	$(BIN)/swssl-eval runs/demo --data $(DEMO_DATA) --split test
@@ -35,9 +36,11 @@ demo: setup $(DEMO_DATA)/manifest.csv
 	$(BIN)/swssl-compare runs/demo/eval runs/demo/eval-dense
 	$(BIN)/swssl-export runs/demo $(EXPORT_FLAGS)
 	$(BIN)/swssl-infer '$(DEMO_DATA)/test/*[0-9].png' --model runs/demo --out runs/demo/infer --heatmaps
+	$(BIN)/swssl-export runs/demo --onnx --mode dense
+	$(BIN)/swssl-infer '$(DEMO_DATA)/test/*[0-9].png' --model runs/demo --out runs/demo/infer-dense --heatmaps --mode dense
 	@echo "demo run: runs/demo (selected checkpoint best.pt, memory bank bank.safetensors, loss curve train_log.csv)"
 	@echo "heatmaps: runs/demo/eval/test-aligned/heatmaps/"
-	@echo "slides by score (open in a browser): runs/demo/infer/index.html"
+	@echo "slides by score (open in a browser): runs/demo/infer/index.html (dense mode: runs/demo/infer-dense/)"
 
 test: setup
 	$(BIN)/pytest -q
