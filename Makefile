@@ -63,16 +63,8 @@ compare-modes: setup
 	$(BIN)/swssl-eval $(RUN) --data $(DATA) --split test --mode dense
 	$(BIN)/swssl-compare $(RUN)/eval $(RUN)/eval-dense
 
-# make bench                                  -> the CPU suite (resnet18; about 3 minutes on 2 cores),
-#                                                report in bench/reports/cpu-<date>.md / .json / .png
-# make compare-modes [RUN=runs/x DATA=/path] -> exact vs dense mode, same checkpoint: dense bank, both
-#                                              evaluations of the test split, one side-by-side table
-compare-modes: setup
-	$(BIN)/swssl-bank $(RUN) --data $(DATA) --mode dense
-	$(BIN)/swssl-eval $(RUN) --data $(DATA) --split test
-	$(BIN)/swssl-eval $(RUN) --data $(DATA) --split test --mode dense
-	$(BIN)/swssl-compare $(RUN)/eval $(RUN)/eval-dense
-
+# make bench                                  -> the CPU suite (resnet18, exact and dense mode; about 3
+#                                                minutes on 2 cores), report in bench/reports/cpu-<date>.*
 # make bench BENCH_FLAGS="--backbone wide_resnet50_2 --slides 16"   (flags: swssl-bench --help)
 BENCH_FLAGS ?=
 bench: setup
