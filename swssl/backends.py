@@ -514,7 +514,9 @@ def _from_file(path: Path, kind: str, device: torch.device, mode: str | None) ->
     if run is not None:
         encoder, config = load_encoder(run)
         digest = weights_digest(encoder)
-    config = config.with_mode(mode)
+    # An artifact named on its own is used in its own mode unless another is asked for (then refused).
+    artifact_mode = manifest.get("config", {}).get("geometry", {}).get("mode", "exact")
+    config = config.with_mode(mode or artifact_mode)
     check_manifest(manifest, digest=digest, config=config, device=device, run_dir=run)
     backend = _open(file_kind, manifest, device)
     backend.reason = (f"{backend.name} from {path} ({backend.precision}, {device})"

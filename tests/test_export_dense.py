@@ -117,14 +117,14 @@ def test_exact_artifacts_are_refused_or_passed_over_in_dense_mode(copy):
         exact.feature_map(images(64, 64))
 
 
-def test_the_run_own_mode_and_artifact_files_follow_the_mode_asked_for(dense):
+def test_a_run_is_used_in_its_own_mode_and_an_artifact_file_in_its_own(dense):
     run, _ = dense
     backend, config = load_backend(run, "auto", "cpu")  # the run's own mode: exact, its exact export
     assert config.geometry.mode == "exact" and backend.artifact.parent.name == "onnx" and not backend.dense
-    backend, config = load_backend(run / "export" / "onnx-dense" / "model.onnx", mode="dense")
+    backend, config = load_backend(run / "export" / "onnx-dense" / "model.onnx")  # a file: its own mode
     assert backend.dense and config.geometry.mode == "dense"
     with pytest.raises(ArtifactMismatch, match="exported in dense mode .* make one for exact mode"):
-        load_backend(run / "export" / "onnx-dense" / "model.onnx")  # the run's own mode: exact
+        load_backend(run / "export" / "onnx-dense" / "model.onnx", mode="exact")
 
 
 def test_cli_exports_dense_onnx_with_a_passing_manifest(dense, tmp_path):
