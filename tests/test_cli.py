@@ -82,3 +82,17 @@ def test_errors_are_one_line(tiny_data, tmp_path):
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     result = runner.invoke(cli.evaluate, [str(tmp_path), "--data", str(tiny_data)])
     assert result.exit_code == 1 and "no checkpoint" in result.output
+
+
+def test_train_in_dense_mode_builds_and_uses_the_dense_bank(tiny_data, tmp_path):
+    (tmp_path / "dense.toml").write_text(TINY.replace("step = 16", "step = 32"))
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(cli.train, ["--preset", "demo", "--config", str(tmp_path / "dense.toml"),
+                                       "--data", str(tiny_data), "--out", str(run), "--mode", "dense"])
+    assert result.exit_code == 0, result.output
+    assert (run / "bank-dense.safetensors").is_file() and not (run / "bank.safetensors").exists()
+    result = runner.invoke(cli.evaluate, [str(run), "--data", str(tiny_data), "--split", "test", "--scorer", "aligned"])
+    assert result.exit_code == 0, result.output  # the run's own mode: dense, its dense bank
+    report = json.loads((run / "eval-dense" / "test-aligned" / "eval.json").read_text())
+    assert report["config"]["geometry"]["mode"] == "dense" and report["image_auroc"] > 0.9, report
