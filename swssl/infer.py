@@ -337,6 +337,7 @@ class ResultLog:
 
 
 def _check_resumable(out_dir: Path, earlier: dict[str, Any], header: dict[str, Any]) -> None:
+    earlier = {"mode": "exact", **earlier}  # results written before dense mode existed were exact
     differences = [f"{key} {earlier.get(key)!r} then, {header.get(key)!r} now" for key in _RESUME_KEYS
                    if json.loads(json.dumps(earlier.get(key), default=_json_default))
                    != json.loads(json.dumps(header.get(key), default=_json_default))]
