@@ -436,14 +436,17 @@ def score_frame(reader: readers.ImageReader, frame: int, model: LoadedModel, sco
                       native.patch / t, (t * k, t * k))
 
 
-def _top_window(result: FrameScore) -> dict[str, int] | None:
+def _top_window(result: FrameScore, shape: tuple[int, int]) -> dict[str, int] | None:
+    """The highest-scored window in source pixels, clipped to the frame (`shape`): a dense-mode window
+    can reach into the zero padding past the border."""
     maps = result.window_scores
     if maps is None or np.isnan(maps).all():
         return None
     r, c = np.unravel_index(np.nanargmax(maps), maps.shape)
     sy, sx = result.to_source
-    return {"y": round(result.rows[r] * sy), "x": round(result.cols[c] * sx),
-            "height": round(result.patch * sy), "width": round(result.patch * sx)}
+    y, x = round(result.rows[r] * sy), round(result.cols[c] * sx)
+    return {"y": y, "x": x, "height": min(round(result.patch * sy), shape[0] - y),
+            "width": min(round(result.patch * sx), shape[1] - x)}
 
 
 def _heatmap_name(path: str, frame: int, frames: int) -> str:
@@ -621,7 +624,7 @@ def _score_file(key: str, reader: readers.ImageReader, model: LoadedModel, score
         record = {"path": key, "frame": frame, "score": float(result.score), "windows_scored": result.scored,
                   "windows_skipped": result.skipped, "seconds": round(seconds, 3), "status": "ok",
                   "message": "", "frames": frames, "shape": list(reader.shape), "grid": list(result.grid),
-                  "top_window": _top_window(result), **common}
+                  "top_window": _top_window(result, tuple(reader.shape)), **common}
         if settings.heatmaps:
             try:
                 caption = f"score {result.score:.4g}\n{name}" + ("" if frames == 1 else f" frame {frame}")

@@ -258,3 +258,13 @@ def test_invalid_dense_geometry_is_one_line_error(tmp_path):
     result = CliRunner().invoke(cli.bank, [str(tmp_path), "--data", str(tmp_path), "--mode", "dense"])
     assert result.exit_code == 1
     assert result.output.startswith("error: dense mode needs patch and step to be multiples")
+
+
+def test_top_window_is_clipped_to_the_frame():
+    """A dense window reaching into the padding is reported within the frame (source pixels, scale 1/2)."""
+    from swssl.infer import FrameScore, _top_window
+
+    scores = np.array([[0.1, 0.2], [0.3, 0.9]], np.float32)
+    result = FrameScore(0.9, scores, 4, 0, (2, 2), None, np.array([0, 32]), np.array([0, 32]), 64, (2.0, 2.0))
+    assert _top_window(result, (150, 140)) == {"y": 64, "x": 64, "height": 86, "width": 76}
+    assert _top_window(result, (400, 400)) == {"y": 64, "x": 64, "height": 128, "width": 128}
