@@ -36,7 +36,7 @@ import torchvision
 from torch import nn
 
 from swssl.config import TRUNK_STRIDE, Config
-from swssl.geometry import canvas_shape, grid, window_max
+from swssl.geometry import canvas_shape, grid
 
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # N x 1 x H x W in [0, 1] -> N x D x H/s x W/s
 DEFAULT_TILE = 2048  # px of a tile's core: one pass for a 1024 x 768 slice, (2048 + 448)^2 inputs for slides
@@ -149,10 +149,27 @@ def pool_windows(cells: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch:
     `cells` (D x h x w) is the map of a region whose top-left pixel is (0, 0); `rows` / `cols`
     are the windows' start pixels: multiples of `stride`, evenly spaced (the dense grid).
     """
+    return _over_windows(cells.float(), rows, cols, patch, stride, F.avg_pool2d).permute(1, 2, 0)
+
+
+def lattice_window_max(image: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch: int,
+                       stride: int = TRUNK_STRIDE) -> torch.Tensor:
+    """Largest pixel of every dense-grid window (R x C), as `geometry.window_max`, in two max-pools.
+
+    `image` (H x W, multiples of `stride`) starts at pixel (0, 0): a window's maximum is the
+    maximum of the stride x stride cell maxima it covers, so no Python loop runs per window.
+    """
+    cell_max = F.max_pool2d(image[None, None], stride)[0]
+    return _over_windows(cell_max, rows, cols, patch, stride, F.max_pool2d)[0]
+
+
+def _over_windows(cells: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch: int, stride: int,
+                  pool: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """`pool` (avg or max) of the cells (C x h x w) under each window of the dense grid: C x R x C'."""
     size = patch // stride
     r0, c0, step_r, step_c = _lattice(rows, cols, stride)
     region = cells[:, r0:r0 + (len(rows) - 1) * step_r + size, c0:c0 + (len(cols) - 1) * step_c + size]
-    return F.avg_pool2d(region[None].float(), size, (step_r, step_c))[0].permute(1, 2, 0)
+    return pool(region[None], size, (step_r, step_c))[0]
 
 
 @torch.inference_mode()
@@ -163,6 +180,6 @@ def embed_dense(feature_map: FeatureMap, image: torch.Tensor, config: Config,
     height, width = canvas_shape(*image.shape, g)
     canvas = F.pad(image, (0, width - image.shape[1], 0, height - image.shape[0]))
     rows, cols = grid(g, *image.shape)
-    foreground = window_max(canvas, rows, cols, g.patch) > config.preprocess.foreground_threshold
+    foreground = lattice_window_max(canvas, rows, cols, g.patch) > config.preprocess.foreground_threshold
     cells = tiled_feature_map(feature_map, canvas, halo_for(config.model.backbone), tile)
     return pool_windows(cells, rows, cols, g.patch), foreground

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from swssl.config import TRUNK_STRIDE, Config
+from swssl.config import Config
 from swssl.errors import WeightsError
 
 BACKBONES = ("wide_resnet50_2", "resnet50", "resnet18")
@@ -34,7 +34,6 @@ class PatchEncoder(nn.Module):
         # Everything before avgpool and fc, keeping torchvision's names so its state dicts load as they are.
         self.trunk = nn.Sequential(OrderedDict(list(net.named_children())[:-2]))
         self.dim = net.fc.in_features
-        self.stride = TRUNK_STRIDE
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         # The official projector: Linear -> BatchNorm1d -> ReLU -> Linear, no biases, width = embedding.

@@ -53,10 +53,11 @@ import torch
 import torch.nn.functional as F
 
 from swssl.config import TRUNK_STRIDE, Config
-from swssl.dense import DEFAULT_TILE, FeatureMap, covered_cells, halo_for, pool_windows, tiled_feature_map
+from swssl.dense import (DEFAULT_TILE, FeatureMap, covered_cells, halo_for, lattice_window_max, pool_windows,
+                         tiled_feature_map)
 from swssl.embed import grid_windows
 from swssl.errors import ConfigError, ImageReadError
-from swssl.geometry import canvas_shape, grid, window_max
+from swssl.geometry import canvas_shape, grid
 from swssl.readers import ImageReader
 
 BLOCK_BYTES = 1 << 25  # about 32 MiB of float32 source rows per block read by the prefetch thread
@@ -298,7 +299,7 @@ class SlideStream:
                 slab = strip[top - first:end - first]
                 slab = F.pad(slab, (0, canvas_w - slab.shape[1], 0, end - top - slab.shape[0]))
                 local = rows - top
-                foreground = window_max(slab, local, self.cols, self.patch) > self.threshold
+                foreground = lattice_window_max(slab, local, self.cols, self.patch, stride) > self.threshold
                 self.foreground[r0:r0 + len(rows)] = foreground.cpu().numpy()
                 embeddings = None
                 if foreground.any() or not skip_background:
