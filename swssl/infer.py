@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -75,15 +74,6 @@ def run_directory(model: str | Path) -> Path:
     return model.parent
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible to torch here (use --device cpu)")
-    return device
-
-
 def load_model(model: str | Path, kind: str = "auto", device: str | torch.device = "auto",
                precision: str | None = None, mode: str | None = None) -> LoadedModel:
     """Backend, configuration and memory bank of a run directory or artifact, checked against each other.
@@ -95,15 +85,7 @@ def load_model(model: str | Path, kind: str = "auto", device: str | torch.device
     model = Path(model)
     if not model.exists():
         raise ConfigError(f"{model}: no such run directory or artifact")
-    options = {}
-    if precision is not None:
-        if "precision" not in inspect.signature(load_backend).parameters:
-            raise ConfigError("--precision: the backends of this installation take no precision setting; "
-                              "export an artifact at the precision wanted (swssl-export --precision) and pass it")
-        options["precision"] = precision
-    if mode is not None:
-        options["mode"] = mode
-    backend, config = load_backend(model, kind, resolve_device(device), **options)
+    backend, config = load_backend(model, kind, device, precision, mode)
     run_dir = run_directory(model)
     digest = _encoder_digest(backend, run_dir)
     bank = MemoryBank.load(run_dir, config=config, encoder_digest=digest)
@@ -111,12 +93,8 @@ def load_model(model: str | Path, kind: str = "auto", device: str | torch.device
 
 
 def _encoder_digest(backend: Any, run_dir: Path) -> str:
-    """The weight digest of the encoder behind `backend`: from the backend when it knows it, else
-    from the encoder it wraps, else from the run's checkpoint."""
-    for name in ("digest", "encoder_digest", "weights_digest"):
-        value = getattr(backend, name, None)
-        if isinstance(value, str) and value:
-            return value
+    """The weight digest of the encoder behind `backend`: from its artifact's manifest, else from
+    the encoder it wraps, else from the run's checkpoint."""
     manifest = getattr(backend, "manifest", None)
     if isinstance(manifest, dict):
         value = (manifest.get("source") or {}).get("weights_digest")
