@@ -100,7 +100,7 @@ def rebuild_command(manifest: dict[str, Any], run_dir: str | Path | None = None,
     """The swssl-export command line that makes this artifact again (in geometry `mode`, when given)."""
     run = Path(run_dir) if run_dir is not None else Path(manifest.get("source", {}).get("run_dir", "RUN_DIR"))
     kind = manifest.get("kind", "onnx")
-    own = _mode(manifest)
+    own = manifest_mode(manifest)
     mode = mode or own
     parts = ["swssl-export", str(run), KIND_FLAGS.get(kind, "--onnx")]
     if kind != "onnx":
@@ -154,7 +154,7 @@ def check_manifest(manifest: dict[str, Any], *, digest: str | None = None, confi
     if digest is not None and source.get("weights_digest") != digest:
         problems.append(f"exported from other weights (digest {str(source.get('weights_digest'))[:12]}, "
                         f"the run's checkpoint has {digest[:12]})")
-    other_mode = config is not None and config.geometry.mode != _mode(manifest)
+    other_mode = config is not None and config.geometry.mode != manifest_mode(manifest)
     if config is not None:
         problems += _config_differences(Config.from_dict(manifest.get("config", {})), config)
     kind = manifest.get("kind")
@@ -182,7 +182,7 @@ def mode_flags(mode: str, run_mode: str | None) -> list[str]:
     return ["--mode", mode] if "dense" in (mode, run_mode) else []
 
 
-def _mode(manifest: dict[str, Any]) -> str:
+def manifest_mode(manifest: dict[str, Any]) -> str:
     """The geometry mode an artifact was exported in (manifests from before dense mode: exact)."""
     return manifest.get("config", {}).get("geometry", {}).get("mode", "exact")
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from swssl.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_encoder, weights_digest
+from swssl.checkpoint import BEST, CHECKPOINT, encoder_from_state, load_checkpoint, weights_digest
 from swssl.config import Config
 from swssl.export import verify as verification
 from swssl.export.errors import ArtifactMismatch, ExportError, MissingRequirement, VerificationError
@@ -82,7 +82,7 @@ def load_source(run_dir: Path, mode: str | None = None) -> Source:
     if not any((run_dir / name).is_file() for name in (BEST, CHECKPOINT)):
         raise MissingRequirement(f"{run_dir}: no checkpoint here ({BEST} or {CHECKPOINT}; train one with swssl-train)")
     state = load_checkpoint(run_dir)
-    encoder, config = load_encoder(state["path"])
+    encoder, config = encoder_from_state(state)
     facts = {"run_dir": str(run_dir.resolve()), "checkpoint": state["path"].name,
              "checkpoint_sha256": sha256_file(state["path"]), "weights_digest": weights_digest(encoder),
              "epoch": state["epoch"], "backbone": config.model.backbone, "run_mode": config.geometry.mode}

@@ -40,10 +40,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from swssl.config import Config
-from swssl.dense import FeatureMap, halo_for, tiled_feature_map
+from swssl.dense import FeatureMap, halo_for, pad_to_canvas, tiled_feature_map
 from swssl.errors import SwsslError
 from swssl.export.errors import ExportError
 from swssl.export.graph import GraphSpec
@@ -53,7 +52,8 @@ from swssl.model import PatchEncoder
 if TYPE_CHECKING:
     from swssl.backends import Backend
 
-BANK_FILE = "bank.safetensors"  # swssl.bank.BANK, not imported: that module pulls in tqdm
+# swssl.bank.BANK and DENSE_BANK, not imported: that module pulls in tqdm
+BANK_FILES = ("bank.safetensors", "bank-dense.safetensors")
 MAX_IMAGES = 8
 DENSE_IMAGES = 2  # whole training images a dense artifact is checked on
 EXTRA_WINDOWS = 7  # verification runs batches of MIN, OPT and this odd size
@@ -101,14 +101,8 @@ def training_canvases(config: Config, run_dir: str | Path | None = None, data: s
                       count: int = DENSE_IMAGES) -> tuple[list[torch.Tensor], str]:
     """Up to `count` training images as dense mode embeds them (H x W float32 CPU, zero-padded to the
     dense canvas: sides multiples of the stride; `config` is in dense mode), and where they came from."""
-    from swssl.geometry import canvas_shape
-
     images, source = _resized_images(config, run_dir, data, count)
-    canvases = []
-    for image in images:
-        height, width = canvas_shape(*image.shape, config.geometry)
-        canvases.append(F.pad(image, (0, width - image.shape[1], 0, height - image.shape[0])))
-    return canvases, source
+    return [pad_to_canvas(image, config.geometry) for image in images], source
 
 
 def _resized_images(config: Config, run_dir: str | Path | None, data: str | Path | None,
@@ -129,8 +123,8 @@ def _training_images(run_dir: str | Path | None, data: str | Path | None) -> tup
     if data is not None:
         samples = select(discover(data), "train", label=0)
         return [(s.path, s.frame) for s in samples], f"--data {data}"
-    if run_dir is not None and (Path(run_dir) / BANK_FILE).is_file():
-        paths = [(p, 0) for p in _bank_paths(Path(run_dir) / BANK_FILE) if p.is_file()]
+    for bank in [Path(run_dir) / name for name in BANK_FILES] if run_dir is not None else []:
+        paths = [(p, 0) for p in _bank_paths(bank) if p.is_file()] if bank.is_file() else []
         if paths:
             return paths, "the images of the run's memory bank"
     demo = _demo_data()

@@ -444,10 +444,12 @@ def _ordered(manifests: list[dict[str, Any]], kind: str, device: torch.device, p
 
     Exports of the other mode stay last, so that when none of this mode exists the check refuses
     them (asked for) or auto passes them over, saying which mode to export."""
+    from swssl.export.manifest import manifest_mode
+
     found = [m for m in manifests if ARTIFACT_BACKEND.get(m.get("kind")) == kind
              and (m.get("precision") == precision if precision else m.get("precision") != "int8")]
     rank = {p: i for i, p in enumerate(PRECISION_ORDER)}
-    return sorted(found, key=lambda m: (m.get("config", {}).get("geometry", {}).get("mode", "exact") != mode,
+    return sorted(found, key=lambda m: (manifest_mode(m) != mode,
                                         m.get("device", "any") not in ("any", device.type),
                                         rank.get(m.get("precision"), len(rank))))
 
@@ -493,7 +495,7 @@ def _open(kind: str, manifest: dict[str, Any], device: torch.device) -> Backend:
 
 def _from_file(path: Path, kind: str, device: torch.device, mode: str | None) -> tuple[Backend, Config]:
     from swssl.checkpoint import BEST, CHECKPOINT
-    from swssl.export.manifest import check_manifest, read_manifest
+    from swssl.export.manifest import check_manifest, manifest_mode, read_manifest
 
     file_kind = SUFFIX_KIND.get(path.suffix.lower())
     if file_kind is None:
@@ -515,8 +517,7 @@ def _from_file(path: Path, kind: str, device: torch.device, mode: str | None) ->
         encoder, config = load_encoder(run)
         digest = weights_digest(encoder)
     # An artifact named on its own is used in its own mode unless another is asked for (then refused).
-    artifact_mode = manifest.get("config", {}).get("geometry", {}).get("mode", "exact")
-    config = config.with_mode(mode or artifact_mode)
+    config = config.with_mode(mode or manifest_mode(manifest))
     check_manifest(manifest, digest=digest, config=config, device=device, run_dir=run)
     backend = _open(file_kind, manifest, device)
     backend.reason = (f"{backend.name} from {path} ({backend.precision}, {device})"

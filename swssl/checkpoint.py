@@ -57,7 +57,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_encoder(path: str | Path) -> tuple[PatchEncoder, Config]:
     """The trained encoder of a checkpoint or run directory (evaluation mode, on the CPU) and its config."""
-    state = load_checkpoint(path)
+    return encoder_from_state(load_checkpoint(path))
+
+
+def encoder_from_state(state: dict[str, Any]) -> tuple[PatchEncoder, Config]:
+    """The encoder (evaluation mode, on the CPU) and config of a checkpoint already read by `load_checkpoint`."""
     config = state["config"]
     encoder = PatchEncoder(config.model.backbone, config.preprocess.mean, config.preprocess.std)
     try:

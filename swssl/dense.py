@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from swssl.config import TRUNK_STRIDE, Config
+from swssl.config import TRUNK_STRIDE, Config, Geometry
 from swssl.geometry import canvas_shape, grid
 
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # N x 1 x H x W in [0, 1] -> N x D x H/s x W/s
@@ -172,13 +172,18 @@ def _over_windows(cells: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch
     return pool(region[None], size, (step_r, step_c))[0]
 
 
+def pad_to_canvas(image: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """`image` (H x W) zero-padded at the bottom and right to its dense canvas (`geometry.canvas_shape`)."""
+    height, width = canvas_shape(*image.shape, geometry)
+    return F.pad(image, (0, width - image.shape[1], 0, height - image.shape[0]))
+
+
 @torch.inference_mode()
 def embed_dense(feature_map: FeatureMap, image: torch.Tensor, config: Config,
                 tile: int = DEFAULT_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense window embeddings (R x C x D float32) and foreground (R x C bool) of `image` (H x W, on its device)."""
     g = config.geometry
-    height, width = canvas_shape(*image.shape, g)
-    canvas = F.pad(image, (0, width - image.shape[1], 0, height - image.shape[0]))
+    canvas = pad_to_canvas(image, g)
     rows, cols = grid(g, *image.shape)
     foreground = lattice_window_max(canvas, rows, cols, g.patch) > config.preprocess.foreground_threshold
     cells = tiled_feature_map(feature_map, canvas, halo_for(config.model.backbone), tile)
