@@ -41,6 +41,7 @@ cells. A band without foreground windows is not run when only foreground windows
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -336,15 +337,17 @@ def _encoded_windows(stream: SlideStream, encode, batch_size: int, dense: bool,
     foreground windows in batches (exact mode), or bands of window rows (dense mode: their
     foreground windows, or all of them when `skip_background` is False)."""
     if not dense:
-        for batch in stream.batches(batch_size):
-            yield batch.rows, batch.cols, encode(batch.windows).float()
+        with contextlib.closing(stream.batches(batch_size)) as batches:  # closed now: stops the prefetch thread
+            for batch in batches:
+                yield batch.rows, batch.cols, encode(batch.windows).float()
         return
-    for band in stream.dense_bands(encode.feature_map, skip_background=skip_background):
-        if band.embeddings is None:
-            continue
-        chosen = band.foreground if skip_background else torch.ones_like(band.foreground)
-        where = chosen.nonzero()
-        yield where[:, 0] + band.first_row, where[:, 1], band.embeddings[chosen]
+    with contextlib.closing(stream.dense_bands(encode.feature_map, skip_background=skip_background)) as bands:
+        for band in bands:
+            if band.embeddings is None:
+                continue
+            chosen = band.foreground if skip_background else torch.ones_like(band.foreground)
+            where = chosen.nonzero()
+            yield where[:, 0] + band.first_row, where[:, 1], band.embeddings[chosen]
 
 
 @dataclass
