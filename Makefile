@@ -26,10 +26,10 @@ $(VENV)/.installed: pyproject.toml
 $(DEMO_DATA)/manifest.csv: | setup
 	$(BIN)/swssl-demo-data $(DEMO_DATA)
 
-# Data, training (which ends by building the memory bank), evaluation on the test split in both
+# Data, training (which ends by building the memory bank; a second `make demo` resumes the finished run: nothing to redo), evaluation on the test split in both
 # modes (exact, dense) side by side, exports, and the runner on the test slices in both modes.
 demo: setup $(DEMO_DATA)/manifest.csv
-	$(BIN)/swssl-train --preset demo --data $(DEMO_DATA) --out runs/demo
+	$(BIN)/swssl-train --preset demo --data $(DEMO_DATA) --out runs/demo $(if $(wildcard runs/demo/checkpoint.pt),--resume)
 	$(BIN)/swssl-eval runs/demo --data $(DEMO_DATA) --split test
 	$(BIN)/swssl-bank runs/demo --data $(DEMO_DATA) --mode dense
 	$(BIN)/swssl-eval runs/demo --data $(DEMO_DATA) --split test --mode dense
@@ -48,7 +48,7 @@ test: setup
 # make train                      -> the demo preset on the demo data (built when absent)
 # make train PRESET=dbt DATA=/path -> the paper's DBT setting on your data
 train: setup $(if $(filter $(DEMO_DATA),$(DATA)),$(DEMO_DATA)/manifest.csv)
-	$(BIN)/swssl-train --preset $(PRESET) --data $(DATA) --out $(RUN) $(if $(EPOCHS),--epochs $(EPOCHS))
+	$(BIN)/swssl-train --preset $(PRESET) --data $(DATA) --out $(RUN) $(if $(wildcard $(RUN)/checkpoint.pt),--resume) $(if $(EPOCHS),--epochs $(EPOCHS))
 
 # make export                 -> ONNX + AOTInductor exports of runs/demo, verified (runs/demo/export/)
 # make export RUN=runs/x EXPORT_FLAGS="--trt --precision fp16"

@@ -13,6 +13,8 @@ import click
 import torch
 
 from swssl.bench import session
+from swssl.cli import friendly_errors
+from swssl.device import parse_device
 
 
 def _list(kind: type):
@@ -69,12 +71,10 @@ def _list(kind: type):
 @click.option("--keep-work", is_flag=True, help="Keep the temporary scratch folder.")
 @click.option("--smoke", is_flag=True, help="Tiny geometry and counts: checks the harness in seconds (numbers meaningless).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@friendly_errors
 def bench(device: str, backbones: tuple[str, ...], smoke: bool, out: Path, **given) -> None:
     """Benchmark the encoder paths, the runner end to end and the official way on this machine; write a report."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.ClickException(f"--device cuda: no CUDA device visible to torch {torch.__version__}")
+    device = parse_device(device).type
     unknown = [b for b in given["backends"] or [] if b not in session.BACKENDS]
     if unknown:
         raise click.BadParameter(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(session.BACKENDS)}",

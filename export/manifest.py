@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from swssl.checkpoint import atomic_write
+from swssl.files import atomic_write
 from swssl.config import Config
 from swssl.export.errors import ArtifactMismatch
 from swssl.export.profile import BatchProfile
@@ -85,9 +85,14 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise ArtifactMismatch(f"{path}: no export manifest here (artifacts need the manifest.json that "
                                "swssl-export writes beside them; rebuild with swssl-export RUN_DIR)")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactMismatch(f"{path}: unreadable export manifest ({exc}); rebuild with swssl-export RUN_DIR") from None
+        manifest = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ArtifactMismatch(f"{path}: cannot read the export manifest ({exc.strerror or exc}); "
+                               "rebuild with swssl-export RUN_DIR") from None
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ArtifactMismatch(f"{path}: manifest.json is not valid JSON{where}; "
+                               "rebuild with swssl-export RUN_DIR") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise ArtifactMismatch(f"{path}: not a {FORMAT} manifest (format {found!r}); "

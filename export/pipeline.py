@@ -27,6 +27,7 @@ import torch
 
 from swssl.checkpoint import BEST, CHECKPOINT, encoder_from_state, load_checkpoint, weights_digest
 from swssl.config import Config
+from swssl.device import parse_device
 from swssl.export import verify as verification
 from swssl.export.errors import ArtifactMismatch, ExportError, MissingRequirement, VerificationError
 from swssl.export.graph import GraphSpec
@@ -156,14 +157,7 @@ def _spec(source: Source, request: ExportRequest) -> GraphSpec:
 
 def _device(request: ExportRequest) -> torch.device:
     """The device for --aoti / --trt: auto is CUDA when there is one (TensorRT always needs it)."""
-    if request.device == "auto":
-        return torch.device("cuda" if (torch.cuda.is_available() and (request.trt or request.aoti)) else "cpu")
-    device = torch.device(request.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MissingRequirement(f"--device {request.device}: CUDA is not available here (no GPU, or a CPU-only torch)")
-    if device.type not in ("cpu", "cuda"):
-        raise ExportError(f"--device must be cpu or cuda[:N], not {request.device}")
-    return device
+    return parse_device(request.device, auto_cuda=request.trt or request.aoti)
 
 
 def base_manifest(source: Source, kind: str, artifact: Path, precision: str, request: ExportRequest,

@@ -37,6 +37,7 @@ import torch
 
 from swssl.checkpoint import load_encoder, weights_digest
 from swssl.config import TRUNK_STRIDE, Config
+from swssl.device import parse_device
 from swssl.errors import SwsslError
 from swssl.model import PatchEncoder
 
@@ -59,7 +60,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class BackendError(SwsslError):
-    """A backend that cannot run here (missing runtime, no GPU, no such export)."""
+    """A backend that cannot run here (missing runtime, no GPU, no such export): an environment error."""
+
+    exit_code = 2
 
 
 class Backend(ABC):
@@ -331,15 +334,6 @@ class AotiBackend(ArtifactBackend):
         return (out[0] if isinstance(out, (list, tuple)) else out).float()
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device {device} asked for, but CUDA is not available here")
-    return device
-
-
 def load_backend(model: str | Path, kind: str = "auto", device: str | torch.device = "cpu",
                  precision: str | None = None, mode: str | None = None) -> tuple[Backend, Config]:
     """The backend for a run directory or artifact file, and the configuration its inputs need.
@@ -352,7 +346,7 @@ def load_backend(model: str | Path, kind: str = "auto", device: str | torch.devi
     """
     if kind not in KINDS:
         raise BackendError(f"unknown backend {kind!r}; choose from {', '.join(KINDS)}")
-    device = resolve_device(device)
+    device = parse_device(device)
     path = Path(model)
     if not path.exists():
         raise BackendError(f"{path}: no such run directory or artifact")
@@ -396,8 +390,8 @@ def _from_run(run: Path, kind: str, device: torch.device, precision: str | None,
                 message = f"the ONNX export is fp32 only ({precision} asked for)"
             else:
                 message = _no_export(run, candidate, device, precision, config.geometry.mode)
-            if kind != "auto":
-                raise BackendError(f"{run}: {message}")
+            if kind != "auto":  # an unreadable manifest is the likelier cause: it comes first
+                raise BackendError("; ".join([*notes, f"{run}: {message}"]))
             notes.append(f"{candidate}: {message}")
             continue
         for manifest in options:

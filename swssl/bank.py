@@ -3,11 +3,14 @@
 The official code recomputes this at every evaluation and keeps it in host memory as float32;
 here it is built in batches on the device and saved as safetensors (fp16 by default) with the
 metadata that says what it is valid for: the encoder's weight digest, the geometry, the
-preprocessing and the grid. Loading it against a different encoder or input preparation fails
-with a message naming what differs.
+preprocessing and the grid, plus a sha256 of its tensors. Loading it against a different encoder
+or input preparation fails with a message naming what differs; a bank whose bytes changed, or
+that holds NaN/inf, is refused with the command that rebuilds it.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from swssl.checkpoint import atomic_write
+from swssl.files import atomic_write
 from swssl.config import Config
 from swssl.datasets import Sample, load_resized
 from swssl.embed import Encode, embed_image
@@ -23,11 +26,25 @@ from swssl.errors import SwsslError
 
 BANK = "bank.safetensors"  # exact mode; dense mode's bank lies beside it, so a run can hold both
 DENSE_BANK = "bank-dense.safetensors"
-FORMAT = "swssl-bank/1"
+FORMAT = "swssl-bank/2"  # /2: a sha256 of the tensors in the metadata
 
 
 class BankMismatchError(SwsslError):
     """A bank built for another encoder, geometry or preprocessing than the one at hand."""
+
+
+class BankDamagedError(SwsslError):
+    """A bank file whose bytes changed since it was written (checksum), or that holds NaN/inf."""
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes: what the bank's metadata records and load checks."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 @dataclass
@@ -41,11 +58,19 @@ class MemoryBank:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
+        tensors = {"embeddings": self.embeddings.contiguous().cpu(), "foreground": self.foreground.contiguous().cpu()}
         metadata = {"format": FORMAT, "config": json.dumps(self.config.to_dict()),
                     "encoder_digest": self.encoder_digest, "paths": json.dumps(self.paths),
-                    "grid": json.dumps(list(self.foreground.shape[1:])), "images": str(len(self.paths))}
-        tensors = {"embeddings": self.embeddings.contiguous().cpu(), "foreground": self.foreground.contiguous().cpu()}
-        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+                    "grid": json.dumps(list(self.foreground.shape[1:])), "images": str(len(self.paths)),
+                    "sha256": tensors_digest(tensors)}
+
+        def write(tmp: Path) -> None:
+            try:
+                save_file(tensors, str(tmp), metadata=metadata)
+            except Exception as exc:  # safetensors reports a full disk as its own error type
+                raise OSError(errno.EIO, f"safetensors: {exc}") from None
+
+        atomic_write(Path(path), write)
 
     @classmethod
     def load(cls, path: str | Path, config: Config | None = None, encoder_digest: str | None = None) -> "MemoryBank":
@@ -61,15 +86,28 @@ class MemoryBank:
             flag = " --mode dense" if mode == "dense" else ""
             raise SwsslError(f"{path}: no {mode}-mode memory bank here (build one with swssl-bank RUN_DIR "
                              f"--data DIR{flag})")
+        rebuild = f"rebuild it with swssl-bank RUN_DIR --data DIR{' --mode dense' if mode == 'dense' else ''}"
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            if metadata.get("format") != FORMAT:
+                raise BankDamagedError(f"{path}: a memory bank of format {metadata.get('format')!r}, not {FORMAT} "
+                                       f"(an older swssl's, without a checksum); {rebuild}")
+            if tensors_digest(tensors) != metadata.get("sha256"):
+                raise BankDamagedError(f"{path}: memory bank is damaged (its tensors do not match the checksum "
+                                       f"in its metadata); {rebuild}")
             bank = cls(tensors["embeddings"], tensors["foreground"].bool(),
                        Config.from_dict(json.loads(metadata["config"])), metadata["encoder_digest"],
                        json.loads(metadata["paths"]))
+        except BankDamagedError:
+            raise
         except Exception as exc:
-            raise SwsslError(f"{path}: corrupt or not a swssl memory bank ({type(exc).__name__}: {exc})") from None
+            raise BankDamagedError(f"{path}: corrupt or not a swssl memory bank ({type(exc).__name__}: "
+                                   f"{' '.join(str(exc).split())[:200]}); {rebuild}") from None
+        if not torch.isfinite(bank.embeddings).all():
+            bad = int((~torch.isfinite(bank.embeddings)).sum())
+            raise BankDamagedError(f"{path}: memory bank holds {bad} NaN/inf value(s); {rebuild}")
         if config is not None:
             check_compatible(bank, config, encoder_digest, path)
         return bank

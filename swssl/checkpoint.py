@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -11,23 +10,11 @@ import torch
 
 from swssl.config import Config
 from swssl.errors import CheckpointError
+from swssl.files import atomic_write
 from swssl.model import PatchEncoder
 
 CHECKPOINT = "checkpoint.pt"  # the latest state, for --resume
 BEST = "best.pt"  # the state selected on the val split
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) then rename over `path`, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_checkpoint(path: Path, encoder: PatchEncoder, optimizer: torch.optim.Optimizer | None,
@@ -46,6 +33,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no checkpoint here (train one with swssl-train)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only=True met code or objects: never run them
+        raise CheckpointError(f"{path}: not a plain swssl checkpoint (it holds pickled objects beyond tensors "
+                              "and plain containers); refusing to unpickle code") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: corrupt or not a swssl checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or not {"model", "config", "epoch"} <= state.keys():

@@ -8,23 +8,34 @@ from pathlib import Path
 import click
 
 from swssl.config import preset_names
+from swssl.readers import DEFAULT_MAX_PIXELS
 from swssl.errors import SwsslError
+from swssl.names import for_terminal
 
 
 def friendly_errors(command):
-    """Turn our exceptions into `error: <file>: <problem>` and their exit_code (1, or 2 for a missing
-    requirement); Ctrl-C into status 130."""
+    """Turn our exceptions into `error: <file>: <problem>` (names escaped for the terminal) and their
+    exit_code (swssl.errors: 1 an input failed, 2 usage or environment); Ctrl-C into status 130."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except SwsslError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {for_terminal(_one_line(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
     return wrapper
+
+
+def _one_line(exc: SwsslError) -> str:
+    """The message on one line; an error re-raised by a DataLoader worker carries the worker's traceback
+    text, of which the last line is the message."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 @click.command()
@@ -63,13 +74,15 @@ def demo_data(out_dir: Path, seed: int) -> None:
               help="Geometry mode of the run's memory bank and validation (training itself is the same): "
                    "exact (default) or dense; see swssl-eval --help.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt with its saved configuration.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in OUT (its files are deleted first).")
 @friendly_errors
 def train(preset: str, config_file: Path | None, data: Path, out_dir: Path, epochs: int | None,
           batch_size: int | None, lr: float | None, weights: str | None, workers: int | None,
-          device: str, mode: str | None, resume: bool) -> None:
+          device: str, mode: str | None, resume: bool, overwrite: bool) -> None:
     """Train a SWSSL patch encoder on the normal images of the train split.
 
-    Example: swssl-train --preset demo --data demo-data --out runs/demo
+    A new run needs an empty OUT: --resume continues the run there, --overwrite replaces it.
+    Example: swssl-train --preset demo --data data/demo --out runs/demo
     """
     from swssl.config import build_config
     from swssl.train import train as run_training
@@ -77,7 +90,9 @@ def train(preset: str, config_file: Path | None, data: Path, out_dir: Path, epoc
     config = build_config(preset, config_file, **{"train.batch_size": batch_size, "train.lr": lr,
                                                    "model.weights": weights, "train.workers": workers,
                                                    "geometry.mode": mode})
-    checkpoint = run_training(config, data, out_dir, device=device, resume=resume, epochs=epochs)
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in OUT, --overwrite replaces it: choose one")
+    checkpoint = run_training(config, data, out_dir, device=device, resume=resume, epochs=epochs, overwrite=overwrite)
     click.echo(f"checkpoint: {checkpoint}")
 
 
@@ -86,7 +101,7 @@ mode_option = click.option(
     help="How windows are embedded: exact (each window through the encoder on its own, as the paper) or "
          "dense (the encoder runs once over the image, each window averages the features it covers: "
          "about 10x faster). Default: the run's own (exact unless trained with --mode dense).")
-device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+device_option = click.option("--device", default="auto", show_default=True, help="auto (a GPU when there is one), cpu, cuda or cuda:N.")
 batch_option = click.option("--batch-size", default=256, show_default=True, help="Windows per encoder call.")
 run_dir_argument = click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 data_option = click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
@@ -112,11 +127,11 @@ def bank(run_dir: Path, data: Path, fp32: bool, mode: str | None, device: str, b
     from swssl.bank import bank_file, build_bank
     from swssl.checkpoint import load_encoder, weights_digest
     from swssl.datasets import discover, select
-    from swssl.train import resolve_device
+    from swssl.device import parse_device
 
+    dev = parse_device(device)
     encoder, config = load_encoder(run_dir)
     config = config.with_mode(mode)
-    dev = resolve_device(device)
     samples = select(discover(data), "train", label=0)
     memory = build_bank(encoder.to(dev), samples, config, weights_digest(encoder), batch_size, dev,
                         torch.float32 if fp32 else torch.float16)
@@ -157,12 +172,12 @@ def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], ra
     from swssl.checkpoint import load_encoder, weights_digest
     from swssl.datasets import discover, select
     from swssl.evaluate import default_scorer_options, evaluate as run_evaluation, print_summaries
-    from swssl.train import resolve_device
+    from swssl.device import parse_device
 
+    dev = parse_device(device)
     encoder, config = load_encoder(run_dir)
     config = config.with_mode(mode)
     memory = MemoryBank.load(run_dir, config=config, encoder_digest=weights_digest(encoder))
-    dev = resolve_device(device)
     samples = select(discover(data), split)
     options = default_scorer_options(list(dict.fromkeys(scorers)), radius, k, coreset, top)
     out_dir = out_dir or run_dir / ("eval-dense" if config.geometry.mode == "dense" else "eval")
@@ -211,29 +226,35 @@ def compare(reports: tuple[Path, ...], split: str) -> None:
                    "(1, 0.5, 0.25, ...) instead of resizing to the run's size.")
 @mode_option
 @click.option("--heatmaps", is_flag=True, help="Write a PNG overlay and the float score map (.npy) per slide.")
-@click.option("--resume", is_flag=True, help="Skip slides already scored in OUT/scores.csv (errors are retried).")
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse frames larger than this many pixels (checked from the file's header before anything "
+                   "is decoded): a guard against files that declare absurd sizes. 2^32 = 65536 x 65536.")
+@click.option("--resume", is_flag=True, help="Skip slides already done in OUT (status ok or empty; errors are retried).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device: str, batch_size: int,
           precision: str | None, scorer: str | None, radius: int, k: int, coreset: float | None, top: int,
-          scale: float | None, mode: str | None, heatmaps: bool, resume: bool, quiet: bool) -> None:
+          scale: float | None, mode: str | None, heatmaps: bool, max_pixels: int, resume: bool, quiet: bool) -> None:
     """Score SLIDES (files, folders searched recursively, or globs) against a run's memory bank.
 
     Every frame of a multi-frame file (a DBT volume) is a slide; the volume's score is the max over
-    its frames. Each slide's result is written as soon as it is done; unreadable files become rows
-    with status error and the run goes on (exit status 1 at the end if any failed).
+    its frames. Each slide's result is written as soon as it is done, with status ok, empty (no
+    foreground: not scored) or error (unreadable, corrupt or unsupported: the run goes on). One run
+    at a time per OUT. Exit status: 0 all done, 1 some input failed, 2 usage or environment error
+    (an output that cannot be written included), 130 interrupted.
     Example: swssl-infer data/demo/test --model runs/demo --out runs/demo/infer --heatmaps
     """
+    from swssl.device import parse_device
     from swssl.evaluate import default_scorer_options
     from swssl.infer import choose_settings, format_summary, load_model, run_inference
     from swssl.stream import scale_factor
 
     if scale is not None:
-        scale_factor(scale)  # refuse a bad factor before loading anything
-    loaded = load_model(model, kind, device, precision, mode)
+        scale_factor(scale)  # refuse a bad factor or device before loading anything
+    loaded = load_model(model, kind, parse_device(device), precision, mode)
     options = default_scorer_options(["aligned", "global", "reference"], radius, k, coreset, top)
-    settings = choose_settings(loaded.config, scorer, options, scale, batch_size, heatmaps)
+    settings = choose_settings(loaded.config, scorer, options, scale, batch_size, heatmaps, max_pixels=max_pixels)
     summary = run_inference(slides, loaded, out_dir, settings, resume=resume, progress=not quiet)
     click.echo(format_summary(summary))
-    if summary.failures:
-        sys.exit(1)
+    if summary.exit_status:
+        sys.exit(summary.exit_status)

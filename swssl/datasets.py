@@ -22,6 +22,7 @@ from swssl.errors import DatasetError
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_REQUIRED = ("path", "label", "split")
+RESIZE_BAND_PIXELS = 1 << 24  # source pixels per band of rows read while resizing (64 MiB as float32)
 CHEST_CLASSES = {"0.normal": 0, "1.abnormal": 1}
 DBT_NORMAL = ("images-normal-unique", ("train", "val", "test"), 0)
 DBT_TUMOR = ("images-tumor-full", ("val", "test"), 1)
@@ -100,8 +101,22 @@ def load_resized(sample_or_path: Sample | str | Path, geometry: Geometry, intens
         path, frame = sample_or_path.path, sample_or_path.frame
     else:
         path = Path(sample_or_path)
-    image = readers.read_image(path, intensity=intensity, frame=frame)
-    return resize_antialiased(image, geometry.height, geometry.width)
+    with readers.open_image(path, intensity) as reader:
+        return resize_frame(reader, frame, geometry.height, geometry.width)
+
+
+def resize_frame(reader: readers.ImageReader, frame: int, height: int, width: int) -> np.ndarray:
+    """One frame of `reader` resized exactly as `resize_antialiased` would, without holding the frame.
+
+    torch's antialiased resize is separable, columns first, so resizing bands of rows to the new
+    width and then the stacked bands to the new height gives the same floats, bit for bit (tested);
+    memory is one band plus the H x `width` intermediate, whatever the frame's size.
+    """
+    rows, cols = reader.shape
+    band = max(1, RESIZE_BAND_PIXELS // cols)
+    narrowed = [_interpolate(reader.read((y, 0, min(band, rows - y), cols), frame), min(band, rows - y), width)
+                for y in range(0, rows, band)]
+    return resize_antialiased(np.concatenate(narrowed), height, width)
 
 
 def load_mask(sample: Sample, geometry: Geometry) -> np.ndarray:
@@ -118,10 +133,14 @@ def load_mask(sample: Sample, geometry: Geometry) -> np.ndarray:
 
 def resize_antialiased(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Antialiased bilinear resize (torch, align_corners=False) of a 2-D image, clamped to [0, 1]."""
+    out = _interpolate(image, height, width)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _interpolate(image: np.ndarray, height: int, width: int) -> np.ndarray:
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    out = torch.nn.functional.interpolate(tensor, size=(height, width), mode="bilinear",
-                                          antialias=True, align_corners=False)
-    return out[0, 0].clamp_(0.0, 1.0).numpy()
+    return torch.nn.functional.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True,
+                                           align_corners=False)[0, 0].numpy()
 
 
 def resize_nearest(image: np.ndarray, height: int, width: int) -> np.ndarray:

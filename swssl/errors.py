@@ -1,4 +1,9 @@
-"""The toolkit's own exceptions: one line each, naming the file and the problem."""
+"""The toolkit's own exceptions: one line each, naming the file and the problem.
+
+Exit statuses, the same for every command: 0 all done; 1 some input failed (an image, a dataset,
+a checkpoint or bank that cannot be used); 2 a usage or environment error (a bad option, a missing
+package or GPU, an output that cannot be written, a folder another run holds); 130 interrupted.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,7 +29,15 @@ class DatasetError(SwsslError):
 
 
 class ConfigError(SwsslError):
-    """A configuration value or file that cannot be used."""
+    """A configuration value, option or file that cannot be used (a usage error)."""
+
+    exit_code = 2
+
+
+class OutputError(SwsslError):
+    """An output that cannot be written (disk full, unwritable folder) or a folder another run holds."""
+
+    exit_code = 2
 
 
 class WeightsError(SwsslError):

@@ -2,7 +2,8 @@
 
 One self-contained page (plain HTML, inline CSS, no script, no network) that a person opens in a
 browser from the output folder. Links are relative, so the folder can be moved or copied as a
-whole; every path and message is HTML-escaped and every link URL-quoted.
+whole; every path and message is HTML-escaped (undecodable bytes of a name as `\\xff`) and every
+link URL-quoted.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from swssl.checkpoint import atomic_write
+from swssl.files import atomic_write
+from swssl.names import readable
 
 GALLERY = "index.html"
 
@@ -37,7 +39,7 @@ th { background: #eee; }
 
 
 def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(readable(str(value)), quote=True)
 
 
 def _href(relative: str) -> str:
@@ -64,16 +66,17 @@ def _frame_text(record: dict[str, Any]) -> str:
 
 
 def render_gallery(records: list[dict[str, Any]], run: dict[str, Any] | None = None) -> str:
-    """The page for the latest result of each (path, frame): slides by score, then volumes, then errors."""
+    """The page for the latest result of each (path, frame): slides by score, then volumes, empty frames, errors."""
     run = run or {}
     slides = sorted((r for r in records if r.get("status") == "ok" and r.get("frame") != "volume"), key=_sort_key)
     volumes = sorted((r for r in records if r.get("status") == "ok" and r.get("frame") == "volume"), key=_sort_key)
-    errors = [r for r in records if r.get("status") != "ok"]
+    errors = [r for r in records if r.get("status") not in ("ok", "empty")]
+    empty = [r for r in records if r.get("status") == "empty"]
     anchors = {(r.get("path"), str(r.get("frame"))): f"s{i}" for i, r in enumerate(slides, start=1)}
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>swssl-infer: slides by anomaly score</title>", f"<style>{_STYLE}</style></head><body>",
              "<h1>Slides by anomaly score</h1>"]
-    meta = [f"{len(slides)} slide(s) scored", f"{len(errors)} error(s)"]
+    meta = [f"{len(slides)} slide(s) scored", f"{len(empty)} empty", f"{len(errors)} error(s)"]
     for key, label in (("model", "model"), ("backend", "backend"), ("device", "device"), ("scorer", "scorer"),
                        ("geometry", "geometry"), ("scale", "scale")):
         if run.get(key) not in (None, ""):
@@ -114,12 +117,13 @@ def render_gallery(records: list[dict[str, Any]], run: dict[str, Any] | None = N
                 + (f'<div class="small">{" &middot; ".join(links)}</div>' if links else "")
                 + "</div>")
         parts.append("</div>")
-    if errors:
-        parts.append("<h2 class=\"error\">Errors</h2><table><tr><th>path</th><th>frame</th><th>message</th></tr>")
-        for record in errors:
-            parts.append(f"<tr><td>{_esc(record.get('path'))}</td><td>{_esc(_frame_text(record))}</td>"
-                         f"<td class=\"error\">{_esc(record.get('message', ''))}</td></tr>")
-        parts.append("</table>")
+    for title, rows, css in (("Empty (no foreground: not scored)", empty, ""), ("Errors", errors, "error")):
+        if rows:
+            parts.append(f'<h2 class="{css}">{title}</h2><table><tr><th>path</th><th>frame</th><th>message</th></tr>')
+            for record in rows:
+                parts.append(f"<tr><td>{_esc(record.get('path'))}</td><td>{_esc(_frame_text(record))}</td>"
+                             f'<td class="{css}">{_esc(record.get("message", ""))}</td></tr>')
+            parts.append("</table>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

@@ -5,26 +5,26 @@ the volume's score is the max over its frames and the frame that gave it is repo
 
 Two geometries (the run's `geometry.inference` decides, `--scale` forces "native"):
 - "resize": the run's own: the frame is resized to the training size exactly as swssl-eval does
-  (`datasets.resize_antialiased`), embedded with `embed.embed_image` and scored by the scorer, so
-  the scores equal swssl-eval's. The frame is held in memory (refused above MAX_RESIZE_PIXELS).
+  (`datasets.resize_frame`, read in bands of rows: the frame is never held whole), embedded with
+  `embed.embed_image` and scored by the scorer, so the scores equal swssl-eval's.
 - "native": windows cut from the full-resolution grid (times `--scale` = 1/k), streamed strip by
   strip with bounded memory (`swssl.stream`); per-window scoring (`global`).
 
-Outputs in OUT_DIR, each slide's written as soon as it is done: `scores.csv` and `scores.jsonl`
-get one line each, appended by a single write + fsync (a crash can at worst leave a truncated last
-line, which --resume drops); with heatmaps, `heatmaps/<name>.png` (overlay) and `.npy` (the R x C
-float32 window-score map, NaN = background), written atomically; `index.html` (swssl.gallery) is
-rewritten at the end, also after an error or Ctrl-C. The jsonl starts each invocation with a
-"run" record (configuration, backend, scorer); later lines for the same (path, frame) supersede
-earlier ones (a retried error, a slide redone after a crash).
+Outputs in OUT_DIR (one writer at a time: a lock refuses a second run at once), each slide's
+written as soon as it is done: `scores.jsonl` and `scores.csv` (swssl.results: statuses ok, empty,
+error; any file name stored losslessly) get one line each; with heatmaps,
+`heatmaps/<name>.png` (overlay) and `.npy` (the R x C float32 window-score map, NaN = background),
+written atomically; `index.html` (swssl.gallery) is rewritten at the end, also after an error or
+Ctrl-C. The jsonl starts each invocation with a "run" record (configuration, backend, scorer).
+A result that cannot be written stops the run with an OutputError (the rows before it intact); a
+heatmap or gallery that cannot be written is listed in the summary and makes the exit status 2.
+Names reach the terminal escaped (swssl.names).
 """
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
-import io
-import json
+import math
 import os
 import sys
 import time
@@ -38,15 +38,11 @@ import torch
 from swssl import readers
 from swssl.bank import MemoryBank
 from swssl.config import Config
-from swssl.errors import ConfigError, ImageReadError, SwsslError
+from swssl.errors import ConfigError, ImageReadError, OutputError, SwsslError
+from swssl.files import FolderLock
+from swssl.names import for_terminal, readable
+from swssl.results import HEATMAPS, SCORES_CSV, VOLUME, ResultLog, read_results
 
-SCORES_CSV = "scores.csv"
-SCORES_JSONL = "scores.jsonl"
-HEATMAPS = "heatmaps"
-COLUMNS = ("path", "frame", "score", "windows_scored", "windows_skipped", "seconds", "status", "best_frame",
-           "message")
-MAX_RESIZE_PIXELS = 1 << 28  # a frame this large (1 GiB as float32) is not resized in memory: use --scale
-VOLUME = "volume"
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -183,7 +179,7 @@ def find_slides(arguments: Iterable[str | Path], exclude: str | Path | None = No
     return files, problems
 
 
-# --- results -----------------------------------------------------------------------------------
+# --- results ---------------------------------------------------------------------------------
 
 
 def _one_line(text: str) -> str:
@@ -196,156 +192,6 @@ def _error_message(exc: BaseException) -> str:
     if isinstance(exc, SwsslError):
         return _one_line(str(exc))
     return _one_line(f"{type(exc).__name__}: {exc}")
-
-
-def _drop_partial_line(path: Path) -> None:
-    """Cut a line left without its newline by a crash, so the next append starts on a fresh line."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as handle:
-        handle.seek(-1, os.SEEK_END)
-        if handle.read(1) == b"\n":
-            return
-        handle.seek(0)
-        data = handle.read()
-        handle.truncate(data.rfind(b"\n") + 1)
-
-
-def _append(fd: int, text: str) -> None:
-    data = text.encode("utf-8")
-    while data:
-        data = data[os.write(fd, data):]
-    os.fsync(fd)
-
-
-def _jsonl_records(out_dir: str | Path, kind: str) -> list[dict[str, Any]]:
-    """The records of OUT_DIR/scores.jsonl whose "type" is `kind`, oldest first (unparsable lines skipped)."""
-    path = Path(out_dir) / SCORES_JSONL
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("type") == kind:
-                records.append(record)
-    return records
-
-
-def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The latest jsonl record of each (path, frame) in OUT_DIR/scores.jsonl, in first-seen order."""
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for record in _jsonl_records(out_dir, "slide"):
-        path_key, frame = str(record.get("path")), record.get("frame")
-        if frame is not None:  # a frame's result supersedes an earlier "cannot open" of its file
-            latest.pop((path_key, "None"), None)
-        latest[(path_key, str(frame))] = record
-    return list(latest.values())
-
-
-def read_runs(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The "run" records of OUT_DIR/scores.jsonl, oldest first."""
-    return _jsonl_records(out_dir, "run")
-
-
-def read_finished(out_dir: str | Path) -> dict[tuple[str, str], dict[str, str]]:
-    """(path, frame) -> csv row, for the rows of OUT_DIR/scores.csv with status ok (complete lines only)."""
-    path = Path(out_dir) / SCORES_CSV
-    done: dict[tuple[str, str], dict[str, str]] = {}
-    if not path.is_file():
-        return done
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]  # a truncated last line is not a result
-    for row in csv.DictReader(io.StringIO(text)):
-        key = (row.get("path") or "", row.get("frame") or "")
-        if row.get("status") == "ok":
-            done[key] = row
-        else:
-            done.pop(key, None)  # a later error supersedes (a retried slide that failed again)
-    return done
-
-
-# The settings a resumed run must share with the results already in OUT_DIR.
-_RESUME_KEYS = ("encoder_digest", "scorer", "scorer_options", "geometry", "mode", "scale")
-
-
-class ResultLog:
-    """scores.csv and scores.jsonl in OUT_DIR, one appended, fsynced line per result."""
-
-    def __init__(self, out_dir: Path, header: dict[str, Any], resume: bool):
-        self.out_dir = out_dir
-        self.csv_path, self.jsonl_path = out_dir / SCORES_CSV, out_dir / SCORES_JSONL
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            for path in (self.csv_path, self.jsonl_path):
-                _drop_partial_line(path)
-            runs = read_runs(out_dir)
-            if runs:
-                _check_resumable(out_dir, runs[-1], header)
-            self.finished = read_finished(out_dir)
-        else:
-            for path in (self.csv_path, self.jsonl_path, out_dir / "index.html"):
-                path.unlink(missing_ok=True)
-            heatmaps = out_dir / HEATMAPS
-            if heatmaps.is_dir():
-                for stale in [*heatmaps.glob("*.png"), *heatmaps.glob("*.npy")]:
-                    stale.unlink()
-            self.finished = {}
-        new_csv = not self.csv_path.is_file() or self.csv_path.stat().st_size == 0
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-        self._csv = os.open(self.csv_path, flags, 0o644)
-        self._jsonl = os.open(self.jsonl_path, flags, 0o644)
-        if new_csv:
-            _append(self._csv, _csv_line(COLUMNS))
-        _append(self._jsonl, json.dumps({"type": "run", **header}, default=_json_default) + "\n")
-
-    def write(self, record: dict[str, Any]) -> None:
-        """One result: jsonl first, then the csv line that marks it done for --resume."""
-        _append(self._jsonl, json.dumps({"type": "slide", **record}, default=_json_default) + "\n")
-        _append(self._csv, _csv_line(_csv_values(record)))
-
-    def close(self) -> None:
-        for fd in (self._csv, self._jsonl):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def _check_resumable(out_dir: Path, earlier: dict[str, Any], header: dict[str, Any]) -> None:
-    earlier = {"mode": "exact", **earlier}  # results written before dense mode existed were exact
-    differences = [f"{key} {earlier.get(key)!r} then, {header.get(key)!r} now" for key in _RESUME_KEYS
-                   if json.loads(json.dumps(earlier.get(key), default=_json_default))
-                   != json.loads(json.dumps(header.get(key), default=_json_default))]
-    if differences:
-        raise ConfigError(f"{out_dir}: --resume would mix scores made differently ({'; '.join(differences)}); "
-                          "use another --out, or drop --resume to start over")
-
-
-def _csv_line(values: Sequence[Any]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(values)
-    return buffer.getvalue()
-
-
-def _csv_values(record: dict[str, Any]) -> list[str]:
-    score = record.get("score")
-    seconds = record.get("seconds")
-    return [record.get("path", ""), "" if record.get("frame") is None else str(record["frame"]),
-            "" if score is None else repr(float(score)), str(record.get("windows_scored", "")),
-            str(record.get("windows_skipped", "")), "" if seconds is None else f"{seconds:.3f}",
-            record.get("status", ""), "" if record.get("best_frame") is None else str(record["best_frame"]),
-            record.get("message", "")]
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    if isinstance(value, (Path, torch.device)):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 # --- scoring one frame -------------------------------------------------------------------------
@@ -374,6 +220,7 @@ class Settings:
     batch_size: int = 256
     heatmaps: bool = False
     prefetch: int = 2
+    max_pixels: int | None = readers.DEFAULT_MAX_PIXELS  # per frame; larger files are refused at open
 
 
 def score_frame(reader: readers.ImageReader, frame: int, model: LoadedModel, scorer: Any, settings: Settings,
@@ -384,15 +231,12 @@ def score_frame(reader: readers.ImageReader, frame: int, model: LoadedModel, sco
     config, backend = model.config, model.backend
     height, width = reader.shape
     if settings.geometry == "resize":
-        from swssl.datasets import resize_antialiased
+        from swssl.datasets import resize_frame
         from swssl.embed import embed_image
         from swssl.geometry import grid
 
         g = config.geometry
-        if height * width > MAX_RESIZE_PIXELS:
-            raise ConfigError(f"frame of {height} x {width} px is too large to resize in memory; "
-                              "score it natively with --scale (e.g. --scale 1 or 0.5)")
-        image = resize_antialiased(reader.read(frame=frame), g.height, g.width)  # = datasets.load_resized
+        image = resize_frame(reader, frame, g.height, g.width)  # = datasets.load_resized
         embeddings, foreground = embed_image(backend, image, config, settings.batch_size, backend.device)
         result = scorer.score(embeddings, foreground)
         rows, cols = grid(g)
@@ -475,18 +319,26 @@ class RunSummary:
     out_dir: Path
     gallery: Path | None = None
     scored: int = 0  # frames scored by this invocation
+    empty: int = 0  # frames without foreground (status empty, no score)
     resumed: int = 0  # files whose results were already complete (--resume)
     windows: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (path, frame, message)
+    unwritten: list[tuple[str, str]] = field(default_factory=list)  # (output file, why): heatmaps, gallery
 
     @property
     def windows_per_second(self) -> float:
         return self.windows / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def exit_status(self) -> int:
+        """2 when an output could not be written, 1 when an input failed, else 0 (the errors.py convention)."""
+        return 2 if self.unwritten else 1 if self.failures else 0
+
 
 def choose_settings(config: Config, scorer: str | None, scorer_options: dict[str, dict] | None,
-                    scale: float | None, batch_size: int, heatmaps: bool, prefetch: int = 2) -> Settings:
+                    scale: float | None, batch_size: int, heatmaps: bool, prefetch: int = 2,
+                    max_pixels: int | None = readers.DEFAULT_MAX_PIXELS) -> Settings:
     """The geometry (run config, or native when `scale` is given), the scorer (default: aligned for
     resize, global for native) and its options."""
     from swssl.stream import scale_factor
@@ -497,7 +349,9 @@ def choose_settings(config: Config, scorer: str | None, scorer_options: dict[str
     options = (scorer_options or {}).get(name, {})
     if batch_size < 1:
         raise ConfigError(f"--batch must be at least 1, not {batch_size}")
-    return Settings(geometry, scale, name, dict(options), batch_size, heatmaps, prefetch)
+    if max_pixels is not None and max_pixels < 1:
+        raise ConfigError(f"--max-pixels must be at least 1, not {max_pixels}")
+    return Settings(geometry, scale, name, dict(options), batch_size, heatmaps, prefetch, max_pixels)
 
 
 def run_inference(slides: Sequence[str | Path], model: LoadedModel, out_dir: str | Path, settings: Settings,
@@ -522,44 +376,67 @@ def run_inference(slides: Sequence[str | Path], model: LoadedModel, out_dir: str
               "scorer_options": settings.scorer_options, "geometry": settings.geometry,
               "mode": model.config.geometry.mode, "scale": settings.scale, "batch_size": settings.batch_size, "resumed": bool(resume),
               "config": model.config.to_dict()}
-    log = ResultLog(out_dir, header, resume)
     summary = RunSummary(out_dir)
-    say = echo or (lambda text: tqdm.write(text, file=sys.stderr))
+    print_line = echo or (lambda text: tqdm.write(text, file=sys.stderr))
+
+    def say(text: str) -> None:
+        print_line(for_terminal(text))
+
     common = {"backend": header["backend"], "device": header["device"], "scorer": settings.scorer_name,
               "geometry": settings.geometry, "mode": header["mode"], "scale": settings.scale}
+    with FolderLock(out_dir, "swssl-infer"):
+        log = ResultLog(out_dir, header, resume)
 
-    def record_error(path: str, frame: Any, message: str, **extra: Any) -> None:
-        log.write({"path": path, "frame": frame, "score": None, "status": "error", "message": message,
-                   **common, **extra})
-        shown = frame not in (None, "", VOLUME) and extra.get("frames", 1) > 1
-        say(f"error: {path}{f' frame {frame}' if shown else ''}: {message}")
-        summary.failures.append((path, str(frame) if shown else "", message))
+        def record_error(path: str, frame: Any, message: str, **extra: Any) -> None:
+            log.write({"path": path, "frame": frame, "score": None, "status": "error", "message": message,
+                       **common, **extra})
+            shown = frame not in (None, "", VOLUME) and extra.get("frames", 1) > 1
+            say(f"error: {path}{f' frame {frame}' if shown else ''}: {message}")
+            summary.failures.append((path, str(frame) if shown else "", message))
 
-    if header["backend_reason"]:
-        say(f"backend: {header['backend_reason']}")
-    try:
-        for argument, message in problems:
-            record_error(argument, None, message)
-        bar = tqdm(files, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
-        for path in bar:
-            key = str(path)
-            try:
-                reader = readers.open_image(path, model.config.preprocess.intensity)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:
-                record_error(key, None, _error_message(exc))
-                continue
-            with reader:
-                _score_file(key, reader, model, scorer, settings, log, summary, bar, common, record_error)
-        bar.close()
-    finally:
-        log.close()
+        if header["backend_reason"]:
+            say(f"backend: {header['backend_reason']}")
+        writable = True
         try:
-            summary.gallery = write_gallery(out_dir, read_results(out_dir), header)
-        except Exception as exc:  # the results themselves are safe; say why the page is missing
-            say(f"error: {out_dir / 'index.html'}: cannot write the gallery ({_error_message(exc)})")
+            for argument, message in problems:
+                record_error(argument, None, message)
+            bar = tqdm(files, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
+            for path in bar:
+                key = str(path)
+                try:
+                    reader = readers.open_image(path, model.config.preprocess.intensity, max_pixels=settings.max_pixels)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:
+                    record_error(key, None, _error_message(exc))
+                    continue
+                with reader:
+                    _score_file(key, reader, model, scorer, settings, log, summary, bar, common, record_error)
+            bar.close()
+        except OutputError:  # the results cannot be written: stop, and say so once
+            writable = False
+            raise
+        finally:
+            log.close()
+            if writable:
+                _finish_outputs(log, out_dir, header, summary, say, write_gallery)
     return summary
+
+
+def _finish_outputs(log: ResultLog, out_dir: Path, header: dict[str, Any], summary: RunSummary,
+                    say: Callable[[str], None], write_gallery: Callable) -> None:
+    """The csv with one row per result, and the gallery; what cannot be written is said and listed."""
+    for path, write in ((out_dir / SCORES_CSV, log.rewrite_csv),
+                        (out_dir / "index.html", lambda: write_gallery(out_dir, read_results(out_dir), header))):
+        try:
+            write()
+        except Exception as exc:  # the appended results are safe; say why this file is not
+            message = _error_message(exc)
+            say(f"error: {message}")
+            summary.unwritten.append((str(path), message))
+        else:
+            if path.name == "index.html":
+                summary.gallery = path
 
 
 def _score_file(key: str, reader: readers.ImageReader, model: LoadedModel, scorer: Any, settings: Settings,
@@ -571,12 +448,8 @@ def _score_file(key: str, reader: readers.ImageReader, model: LoadedModel, score
     if not todo and not volume_due:
         summary.resumed += 1
         return
-    scores: dict[int, float] = {f: float(finished[(key, str(f))]["score"]) for f in range(frames)
-                                if (key, str(f)) in finished}
-    totals = {f: (int(finished[(key, str(f))]["windows_scored"] or 0),
-                  int(finished[(key, str(f))]["windows_skipped"] or 0),
-                  float(finished[(key, str(f))]["seconds"] or 0.0)) for f in scores}
-    name = Path(key).name
+    done = {f: finished[(key, str(f))] for f in range(frames) if (key, str(f)) in finished}
+    name = for_terminal(Path(key).name)
     for frame in todo:
         started = time.perf_counter()
         label = name if frames == 1 else f"{name} [{frame + 1}/{frames}]"
@@ -591,6 +464,8 @@ def _score_file(key: str, reader: readers.ImageReader, model: LoadedModel, score
         bar.set_postfix_str(label, refresh=True)
         try:
             result = score_frame(reader, frame, model, scorer, settings, progress)
+            if result.scored and not math.isfinite(result.score):
+                raise SwsslError(f"non-finite score {result.score} (the model or the memory bank gives NaN/inf)")
         except KeyboardInterrupt:
             raise
         except Exception as exc:
@@ -603,41 +478,64 @@ def _score_file(key: str, reader: readers.ImageReader, model: LoadedModel, score
                   "windows_skipped": result.skipped, "seconds": round(seconds, 3), "status": "ok",
                   "message": "", "frames": frames, "shape": list(reader.shape), "grid": list(result.grid),
                   "top_window": _top_window(result, tuple(reader.shape)), **common}
-        if settings.heatmaps:
-            try:
-                caption = f"score {result.score:.4g}\n{name}" + ("" if frames == 1 else f" frame {frame}")
-                record.update(write_heatmap(log.out_dir, _heatmap_name(key, frame, frames), result, caption))
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # the score stands; say why its picture is missing
-                record["message"] = _one_line(f"no heatmap: {_error_message(exc)}")
+        if not result.scored:  # nothing to compare: a score here would read as "most normal"
+            threshold = model.config.preprocess.foreground_threshold
+            record.update(score=None, status="empty", top_window=None,
+                          message=f"no foreground: no window has a pixel above preprocess.foreground_threshold "
+                                  f"= {threshold:g} (blank or all-background image); not scored")
+            summary.empty += 1
+        elif settings.heatmaps:
+            _add_heatmap(record, result, key, frame, frames, log.out_dir, summary)
         log.write(record)
-        scores[frame] = float(result.score)
-        totals[frame] = (result.scored, result.skipped, seconds)
+        done[frame] = record
         summary.scored += 1
         summary.windows += result.scored
         summary.seconds += seconds
         bar.set_postfix_str(f"{label}: {result.scored / max(seconds, 1e-9):.0f} windows/s", refresh=True)
     if volume_due:
-        missing = [f for f in range(frames) if f not in scores]
-        if missing:
-            listed = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-            log.write({"path": key, "frame": VOLUME, "score": None, "status": "error", "frames": frames,
-                       "message": f"no volume score: {len(missing)} of {frames} frame(s) failed ({listed})",
-                       **common})
-            return
-        best = max(scores, key=lambda f: (scores[f], -f))
-        log.write({"path": key, "frame": VOLUME, "score": scores[best], "best_frame": best, "status": "ok",
-                   "windows_scored": sum(t[0] for t in totals.values()),
-                   "windows_skipped": sum(t[1] for t in totals.values()),
-                   "seconds": round(sum(t[2] for t in totals.values()), 3), "frames": frames,
-                   "message": f"max over {frames} frames, at frame {best}", **common})
+        log.write(_volume_record(key, frames, done, common))
+
+
+def _add_heatmap(record: dict[str, Any], result: FrameScore, key: str, frame: int, frames: int, out_dir: Path,
+                 summary: RunSummary) -> None:
+    """Write the slide's heatmap files into `record`; one that cannot be written is noted and listed."""
+    try:
+        caption = f"score {result.score:.4g}\n{readable(Path(key).name)}" + ("" if frames == 1 else f" frame {frame}")
+        record.update(write_heatmap(out_dir, _heatmap_name(key, frame, frames), result, caption))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # the score stands; say why its picture is missing
+        record["message"] = _one_line(f"no heatmap: {_error_message(exc)}")
+        summary.unwritten.append((f"heatmap of {key}" + (f" frame {frame}" if frames > 1 else ""), record["message"]))
+
+
+def _volume_record(key: str, frames: int, done: dict[int, dict[str, Any]], common: dict[str, Any]) -> dict[str, Any]:
+    """The volume's row: the max over its scored frames; an error when a frame failed, empty when all are."""
+    missing = [f for f in range(frames) if f not in done]
+    base = {"path": key, "frame": VOLUME, "score": None, "frames": frames, **common}
+    if missing:
+        listed = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        return {**base, "status": "error", "message": f"no volume score: {len(missing)} of {frames} frame(s) "
+                                                      f"failed ({listed})"}
+    totals = {k: sum(float(r.get(k) or 0) for r in done.values()) for k in ("windows_scored", "windows_skipped",
+                                                                          "seconds")}
+    counts = {"windows_scored": int(totals["windows_scored"]), "windows_skipped": int(totals["windows_skipped"]),
+              "seconds": round(totals["seconds"], 3)}
+    scores = {f: float(r["score"]) for f, r in done.items() if r.get("status") == "ok"}
+    if not scores:
+        return {**base, **counts, "status": "empty", "message": f"no foreground in any of the {frames} frames"}
+    best = max(scores, key=lambda f: (scores[f], -f))
+    empty = frames - len(scores)
+    return {**base, **counts, "score": scores[best], "best_frame": best, "status": "ok",
+            "message": f"max over {frames} frames, at frame {best}" + (f" ({empty} empty)" if empty else "")}
 
 
 def format_summary(summary: RunSummary, limit: int = 5) -> str:
-    """What the command prints at the end: counts, speed, where the results are, the first failures."""
+    """What the command prints at the end: counts, speed, where the results are, the first failures
+    (names escaped for the terminal)."""
     lines = [f"scored {summary.scored} slide(s), {summary.windows} windows in {summary.seconds:.1f} s "
              f"({summary.windows_per_second:.0f} windows/s)"
+             + (f"; {summary.empty} of them empty (no foreground, no score)" if summary.empty else "")
              + (f"; {summary.resumed} file(s) already done (--resume)" if summary.resumed else ""),
              f"results: {summary.out_dir / SCORES_CSV}"]
     if summary.gallery is not None:
@@ -648,4 +546,9 @@ def format_summary(summary: RunSummary, limit: int = 5) -> str:
             lines.append(f"  {path}{f' frame {frame}' if frame else ''}: {message}")
         if len(summary.failures) > limit:
             lines.append(f"  ... and {len(summary.failures) - limit} more (status error in {SCORES_CSV})")
-    return "\n".join(lines)
+    if summary.unwritten:
+        lines.append(f"{len(summary.unwritten)} output(s) could not be written:")
+        lines += [f"  {what}: {why}" for what, why in summary.unwritten[:limit]]
+        if len(summary.unwritten) > limit:
+            lines.append(f"  ... and {len(summary.unwritten) - limit} more")
+    return "\n".join(for_terminal(line) for line in lines)

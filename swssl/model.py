@@ -6,6 +6,8 @@ exported graph see identical inputs.
 """
 from __future__ import annotations
 
+import pickle
+
 import socket
 import threading
 import urllib.request
@@ -79,6 +81,8 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such weights file (use --weights imagenet|none|PATH)") from None
+    except pickle.UnpicklingError:  # what weights_only=True raises for anything but tensors and plain containers
+        raise WeightsError(f"{path}: `--weights FILE` is not a plain state dict; refusing to unpickle code") from None
     except Exception as exc:  # corrupt or foreign file: one line, not a traceback
         raise WeightsError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
     if isinstance(state, dict) and "state_dict" in state:

@@ -4,32 +4,70 @@ Every reader hands out float32 grayscale in [0, 1] for a region of one frame, so
 toolkit never sees a file format, a bit depth or a photometric convention. Huge tiled TIFFs and
 multi-frame DICOMs are read lazily: only the tiles, or the one frame, that a region needs.
 Format libraries are imported where they are used, so this module imports without them.
+
+The readers are strict: a file that is not a regular file, declares frames above the pixel limit,
+holds fewer bytes than its header declares, decodes with an error or a complaint, or holds NaN/inf
+pixels is refused with an ImageReadError whose one-line reason names the problem. Nothing is padded
+or zero-filled. Sizes are checked from the header, before anything is allocated or decoded.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
+import contextlib
+import logging
 import operator
 import os
+import re
+import stat
+import struct
+import threading
+import zlib
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
 from swssl.errors import ConfigError, ImageReadError
 
+if TYPE_CHECKING:
+    import pydicom
+    import tifffile
+
 Region = tuple[int, int, int, int]  # (y, x, height, width) in pixels of one frame
 
 INTENSITIES = ("bits", "minmax")
+DEFAULT_MAX_PIXELS = 1 << 32  # per frame (height x width); larger frames are refused at open
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, the weights Pillow itself uses for RGB -> "L"
 _BAND_PIXELS = 1 << 24  # the min..max scan of a frame reads bands of about this many pixels
+_SPECIAL_FILES = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                  (stat.S_ISSOCK, "socket"))
+_END_MARKERS = {"JPEG": "EOI", "JPEG-LS": "EOI", "JPEG 2000": "EOC"}  # all three are the bytes FF D9
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # JPEG frame headers, and JPEG-LS's SOF55
+_TIFF_CODESTREAMS = {7: "JPEG", 34892: "JPEG", 33003: "JPEG 2000", 33004: "JPEG 2000", 33005: "JPEG 2000",
+                     34712: "JPEG 2000"}  # TIFF compression codes whose strips/tiles are such codestreams
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by PNG colour type
+_DAMAGE = re.compile(r"truncat|corrupt|premature|insufficient|fewer|no JPEG EOI|too short|not enough", re.I)
+_PILLOW_LOCK = threading.Lock()
+
+
+def _one_line(text: str) -> str:
+    """At most 160 characters, for the reason of an ImageReadError."""
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _reason(exc: BaseException) -> str:
     """A library exception as one short line, for the reason of an ImageReadError."""
     lines = [line.strip() for line in str(exc).strip().splitlines()] or [""]
     first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "all plugins failed:\n  a: why"
-    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
+    return _one_line(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+
+
+def _decoder_failure(exc: BaseException) -> bool:
+    """Any Exception, or a Rust panic (pylibjpeg-rle on garbled data), which derives from BaseException."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 def _stored_range(dtype: np.dtype, bits: int | None = None, signed: bool | None = None) -> tuple[float, float]:
@@ -46,19 +84,150 @@ def _stored_range(dtype: np.dtype, bits: int | None = None, signed: bool | None 
 
 
 def _gray(raw: np.ndarray) -> np.ndarray:
-    """(h, w) or (h, w, colour) samples -> (h, w) floats: luminance of RGB(A), the gray of gray+alpha."""
-    work = raw if raw.dtype.kind == "f" else raw.astype(np.float32 if raw.dtype.itemsize <= 2 else np.float64)
-    if work.ndim == 3:
-        work = work[..., :3] @ np.asarray(_LUMA, work.dtype) if work.shape[2] >= 3 else work[..., 0]
-    return work
+    """(h, w) or (h, w, colour) samples -> (h, w) floats: luminance of RGB(A), the gray of gray+alpha.
+
+    float32, or float64 for samples float32 cannot hold exactly (32/64-bit integers, float64); 2-D
+    samples of that float type come back as they are, anything else as a new array.
+    """
+    ftype = np.float64 if raw.dtype.itemsize > 2 and raw.dtype != np.float32 else np.float32
+    if raw.ndim == 3 and raw.shape[2] >= 3:  # one channel at a time: no float copy of all three
+        gray = np.multiply(raw[..., 0], _LUMA[0], dtype=ftype)
+        for channel in (1, 2):
+            gray += np.multiply(raw[..., channel], _LUMA[channel], dtype=ftype)
+        return gray
+    plane = raw[..., 0] if raw.ndim == 3 else raw
+    return plane if plane.dtype == ftype else plane.astype(ftype)
+
+
+def _read_at(fh: IO[bytes], offset: int, size: int) -> bytes:
+    fh.seek(offset)
+    return fh.read(size)
+
+
+def _ends_with_marker(tail: bytes) -> bool:
+    """Whether a JPEG/JPEG-LS (EOI) or JPEG 2000 (EOC) codestream ends with its end marker, FF D9.
+
+    Zero bytes after it, or one 0xFF, are padding (DICOM fragments have even lengths).
+    """
+    tail = tail.rstrip(b"\0")
+    return tail.endswith(b"\xff\xd9") or tail.endswith(b"\xff\xd9\xff")
+
+
+def _codestream_size(head: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from the frame header of a JPEG/JPEG-LS (SOF) or JPEG 2000 (SIZ) codestream's head."""
+    if head[:2] != b"\xff\xd8":
+        at = head.find(b"\xff\x4f\xff\x51")  # SOC then SIZ; also found inside a JP2 wrapper
+        if at < 0 or len(head) < at + 24:
+            return None
+        width, height, x0, y0 = struct.unpack(">4I", head[at + 8 : at + 24])
+        return height - y0, width - x0
+    at = 2  # after SOI: marker segments up to the frame header
+    while at + 9 <= len(head) and head[at] == 0xFF:
+        if head[at + 1] in _SOF:
+            rows, columns = struct.unpack(">HH", head[at + 5 : at + 9])
+            return (rows, columns) if rows else None  # 0 rows: a DNL marker gives them later
+        at += 1 if head[at + 1] == 0xFF else 2 + int.from_bytes(head[at + 2 : at + 4], "big")  # fill byte or segment
+    return None
+
+
+def _png_missing(path: Path) -> tuple[int, int] | None:
+    """(bytes, needed) when the IDAT stream inflates to fewer scanline bytes than the IHDR declares.
+
+    Pillow zero-fills the rows of a zlib stream that ends early, so the stream is inflated here once
+    more, counting bytes only, in bounded pieces (whatever a chunk's length field claims).
+    """
+    with open(path, "rb") as fh:
+        width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", _read_at(fh, 16, 13))
+        bits = depth * _PNG_CHANNELS[colour]
+        needed = sum(-(-(height - y0) // dy) * (1 + (-(-(width - x0) // dx) * bits + 7) // 8)
+                     for y0, x0, dy, dx in (_ADAM7 if interlace else ((0, 0, 1, 1),)) if height > y0 and width > x0)
+        inflate, got = zlib.decompressobj(), 0
+        fh.seek(33)  # after the IHDR chunk
+        while got < needed and len(chunk := fh.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", chunk)
+            if kind == b"IEND":
+                break
+            if kind != b"IDAT":
+                fh.seek(length + 4, os.SEEK_CUR)
+                continue
+            end = fh.tell() + length
+            while got < needed and (data := fh.read(min(end - fh.tell(), 1 << 20))):
+                while got < needed:
+                    piece = inflate.decompress(data, 1 << 24)
+                    got, data = got + len(piece), inflate.unconsumed_tail
+                    if not data and len(piece) < 1 << 24:  # a full piece may leave output inside zlib
+                        break
+            fh.seek(end + 4)  # past the CRC
+    return (got, needed) if got < needed else None
+
+
+@contextlib.contextmanager
+def _strict_pillow() -> Iterator[None]:
+    """Pillow's process-wide switches for one open and load: no decompression-bomb check (the pixel
+    limit, checked from the header, replaces it) and no loading of truncated images. Set and
+    restored under a lock, so that concurrent opens cannot leave them changed."""
+    from PIL import Image, ImageFile
+
+    with _PILLOW_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+class _ShortReads:
+    """A binary file that notes the first read that came back short: where pydicom's parser, which
+    stops quietly at the end of the file, hit it. An empty 8-byte read (the next tag after the last
+    element of a whole file) is the normal end of a file without pixel data."""
+
+    def __init__(self, fh: IO[bytes]):
+        self._fh = fh
+        self.cut: tuple[int, int, int] | None = None  # (position, bytes asked, bytes got)
+
+    def read(self, size: int = -1) -> bytes:
+        at = self._fh.tell()
+        data = self._fh.read(size)
+        if self.cut is None and 0 <= size != len(data) and (len(data) > 0 or size != 8):
+            self.cut = (at, size, len(data))
+        return data
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._fh, name)
+
+
+class _PydicomWarnings(logging.Handler):
+    """pydicom's warnings about damaged data, given on this thread while it decodes.
+
+    pydicom logs each warning to its "pydicom" logger too; a handler there, keeping this thread's
+    records only, is safe where warnings.catch_warnings is not: frames are decoded on the streaming
+    code's prefetch thread while the main thread runs on.
+    """
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self._thread, self.damage = threading.get_ident(), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self._thread and _DAMAGE.search(message := record.getMessage()):
+            self.damage.append(message)
+
+    def __enter__(self) -> _PydicomWarnings:
+        logging.getLogger("pydicom").addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        logging.getLogger("pydicom").removeHandler(self)
 
 
 class ImageReader(ABC):
     """An image file opened for region reads of float32 grayscale in [0, 1].
 
-    Subclasses set `shape`, `dtype`, `frames` (and `invert` for white-is-zero data) and implement
-    `_raw` (the values of one region), setting `_bits`, `_signed`, `_slope` and `_intercept` where
-    the stored type alone does not tell the range of those values.
+    Subclasses set `shape`, `dtype`, `frames` (and `invert` for white-is-zero data), check the frame
+    size with `_limit` before allocating or decoding anything, and implement `_raw` (the stored
+    values of one region), setting `_bits`, `_signed`, `_slope` and `_intercept` where the stored
+    type alone does not tell the range and meaning of those values.
     The scaling to [0, 1] lives here only, so every format maps intensities the same way.
     """
 
@@ -69,10 +238,10 @@ class ImageReader(ABC):
     invert = False  # low stored values are bright (DICOM MONOCHROME1, TIFF min-is-white)
     _bits: int | None = None  # significant bits when fewer than the sample type holds
     _signed: bool | None = None  # None: as the sample type says
-    _slope, _intercept = 1.0, 0.0  # stored -> physical values (DICOM rescale), applied by _raw
+    _slope, _intercept = 1.0, 0.0  # stored -> physical values (DICOM rescale)
 
-    def __init__(self, path: Path, intensity: str):
-        self.path, self.intensity = path, intensity
+    def __init__(self, path: Path, intensity: str, max_pixels: int | None):
+        self.path, self.intensity, self.max_pixels = path, intensity, max_pixels
         self._minmax: dict[int, tuple[float, float]] = {}
         self._closed = False
 
@@ -80,20 +249,34 @@ class ImageReader(ABC):
     def _raw(self, y: int, x: int, h: int, w: int, frame: int) -> np.ndarray:
         """The raw stored values of one region of one frame (each format reads its own way)."""
 
+    def _limit(self, height: int, width: int) -> None:
+        """Refuse frames above the pixel limit: called with the header's size, before any decoding."""
+        if self.max_pixels is not None and height * width > self.max_pixels:
+            raise ImageReadError(self.path, f"image of {height} x {width} px is larger than the pixel limit "
+                                            f"of {self.max_pixels} (--max-pixels)")
+
+    def _nonfinite(self, gray: np.ndarray) -> int:
+        """How many NaN/inf values float data holds (integer data holds none)."""
+        return gray.size - int(np.count_nonzero(np.isfinite(gray))) if self.dtype.kind == "f" else 0
+
     def _bits_range(self) -> tuple[float, float]:
-        """What "bits" maps to 0..1: every value the stored samples can hold, as _raw returns them."""
+        """What "bits" maps to 0..1: every physical value the stored samples can hold."""
         lo, hi = (v * self._slope + self._intercept for v in _stored_range(self.dtype, self._bits, self._signed))
         return min(lo, hi), max(lo, hi)
 
     def _frame_range(self, frame: int) -> tuple[float, float]:
-        """The frame's own min..max, scanned once in row bands so a huge frame is never held whole."""
+        """The frame's own physical min..max, scanned once in row bands so a huge frame is never held whole."""
         if frame not in self._minmax:
-            (height, width), lo, hi = self.shape, np.inf, -np.inf
+            (height, width), lo, hi, bad = self.shape, np.inf, -np.inf, 0
             band = max(1, _BAND_PIXELS // width)
             for y in range(0, height, band):
                 gray = _gray(self._raw(y, 0, min(band, height - y), width, frame))
-                lo, hi = min(lo, float(np.nanmin(gray))), max(hi, float(np.nanmax(gray)))
-            self._minmax[frame] = (lo, hi)
+                bad += self._nonfinite(gray)
+                lo, hi = min(lo, float(gray.min())), max(hi, float(gray.max()))
+            if bad:
+                raise ImageReadError(self.path, f"{bad} NaN/inf pixel value(s) in frame {frame}")
+            lo, hi = lo * self._slope + self._intercept, hi * self._slope + self._intercept
+            self._minmax[frame] = (min(lo, hi), max(lo, hi))
         return self._minmax[frame]
 
     def _check(self, region: Region | None, frame: int) -> Region:
@@ -116,7 +299,11 @@ class ImageReader(ABC):
         """float32 (h, w) grayscale in [0, 1] of `region` (None: the whole frame) of `frame`."""
         y, x, h, w = self._check(region, frame)
         try:
-            gray = _gray(self._raw(y, x, h, w, frame))
+            raw = self._raw(y, x, h, w, frame)
+            gray = _gray(raw)
+            if bad := self._nonfinite(gray):
+                where = f"frame {frame}" if region is None else f"rows {y}-{y + h - 1} of frame {frame}"
+                raise ImageReadError(self.path, f"{bad} NaN/inf pixel value(s) in {where}")
             lo, hi = self._bits_range() if self.intensity == "bits" else self._frame_range(frame)
         except ImageReadError:
             raise
@@ -124,10 +311,27 @@ class ImageReader(ABC):
             raise ImageReadError(self.path, f"cannot read {self.kind} pixels ({_reason(exc)})") from None
         if not hi > lo:  # a constant frame under "minmax"
             return np.zeros((h, w), np.float32)
-        out = np.clip(((hi - gray) if self.invert else (gray - lo)) / (hi - lo), 0.0, 1.0)
-        if self.dtype.kind == "f":
-            out = np.nan_to_num(out, nan=0.0)
-        return out.astype(np.float32, copy=False)
+        return self._scaled(raw, gray, lo, hi)
+
+    def _scaled(self, raw: np.ndarray, gray: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        """Physical values (gray x slope + intercept) from lo..hi (hi..lo when inverted) to 0..1, clipped.
+
+        In place, in one float32 array: `gray` itself when it is a float32 temporary of _gray's, else
+        a new one. A float64 temporary keeps the precision of 32-bit samples up to the division.
+        """
+        own = gray is not raw and gray.base is None  # _gray's own array, free to overwrite
+        out = gray if own and gray.dtype == np.float32 else np.empty(gray.shape, np.float32)
+        work = gray if own else out
+        if (self._slope, self._intercept) == (1.0, 0.0):
+            if self.invert:
+                np.subtract(hi, gray, out=work)
+            else:
+                np.subtract(gray, lo, out=work)
+        else:
+            np.multiply(gray, -self._slope if self.invert else self._slope, out=work)
+            work += hi - self._intercept if self.invert else self._intercept - lo
+        np.divide(work, hi - lo, out=out)
+        return np.clip(out, 0.0, 1.0, out=out)
 
     def close(self) -> None:
         """Release the file; reads afterwards raise ImageReadError."""
@@ -158,15 +362,33 @@ class _ArrayReader(ImageReader):
 
 
 class _PillowReader(_ArrayReader):
-    """PNG and JPEG: not tiled, so decoded whole at open and cropped per region."""
+    """PNG and JPEG: not tiled, so decoded whole at open and cropped per region.
+
+    Truncated data is an error (Pillow's LOAD_TRUNCATED_IMAGES is off for the load), and so is a
+    PNG whose compressed data ends before its last row, which Pillow would zero-fill.
+    """
 
     kind = "PNG/JPEG"
 
-    def __init__(self, path: Path, intensity: str):
+    def __init__(self, path: Path, intensity: str, max_pixels: int | None):
         from PIL import Image
 
-        super().__init__(path, intensity)
-        with Image.open(path) as image:
+        super().__init__(path, intensity, max_pixels)
+        with _strict_pillow(), Image.open(path) as image:
+            self._limit(image.height, image.width)
+            if image.format == "PNG":
+                try:
+                    missing = _png_missing(path)
+                except zlib.error as exc:
+                    raise ImageReadError(path, f"corrupt PNG data ({_reason(exc)})") from None
+                if missing:
+                    raise ImageReadError(path, f"truncated PNG: its compressed data holds {missing[0]} of the "
+                                               f"{missing[1]} bytes of pixel rows the header declares")
+            try:
+                image.load()
+            except OSError as exc:
+                reason = f"corrupt or truncated {image.format} data (decoder: {_reason(exc)})"
+                raise ImageReadError(path, reason) from None
             if image.mode not in ("1", "L", "I", "F") and not image.mode.startswith("I;16"):
                 image = image.convert("L" if image.mode == "LA" else "RGB")
             array = np.asarray(image)
@@ -178,16 +400,52 @@ class _PillowReader(_ArrayReader):
 
 
 class _NpyReader(_ArrayReader):
-    """NumPy .npy, memory-mapped: 2-D is one frame, 3-D is frames along axis 0."""
+    """NumPy .npy, memory-mapped, never unpickled. The layout by shape: H x W is one frame;
+    H x W x 3 or H x W x 4 is one RGB(A) frame, read as its luminance; any other N x H x W is N
+    frames. The header is checked (magic, dtype, shape, size against the bytes present) before
+    the data is mapped."""
 
     kind = "NumPy"
 
-    def __init__(self, path: Path, intensity: str):
-        super().__init__(path, intensity)
+    def __init__(self, path: Path, intensity: str, max_pixels: int | None):
+        super().__init__(path, intensity, max_pixels)
+        with open(path, "rb") as fh:
+            try:
+                version = np.lib.format.read_magic(fh)
+            except ValueError:
+                raise ImageReadError(path, "not a .npy file (no NumPy header)") from None
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in readers:
+                raise ImageReadError(path, f"unsupported .npy format version {version[0]}.{version[1]}")
+            shape, _, dtype = readers[version](fh)
+            held = os.fstat(fh.fileno()).st_size - fh.tell()
+        if dtype.hasobject:
+            raise ImageReadError(path, "the .npy holds Python objects (pickled data); refusing to unpickle it")
+        if len(shape) not in (2, 3):
+            raise ImageReadError(path, f"unsupported .npy shape {shape}: expected H x W, N x H x W frames, "
+                                       "or H x W x 3/4 colour")
+        stacked = len(shape) == 3 and shape[2] not in (3, 4)
+        self._limit(*(shape[1:] if stacked else shape[:2]))
+        declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if held < declared:
+            raise ImageReadError(path, f"truncated .npy: the header declares {declared} bytes of pixel data, "
+                                       f"the file holds {held}")
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-        if array.ndim not in (2, 3):
-            raise ImageReadError(path, f"expected a 2-D or 3-D array, not shape {array.shape}")
-        self._set_array(array[None] if array.ndim == 2 else array)
+        self._set_array(array if stacked else array[None])
+
+
+def _segment_bytes(page: tifffile.TiffPage, count: int) -> np.ndarray:
+    """The bytes each of the `count` uncompressed strips or tiles of `page` must hold.
+
+    Tiles are whole; the last strip of each plane holds only the rows left.
+    """
+    bits = page.bitspersample * (page.samplesperpixel if page.planarconfig == 1 else 1)
+    if page.is_tiled:
+        return np.full(count, page.tiledepth * page.tilelength * (-(-page.tilewidth * bits // 8)), np.int64)
+    rows = min(page.rowsperstrip, page.imagelength)
+    per_plane = -(-page.imagelength // rows)
+    left = page.imagelength - np.arange(count, dtype=np.int64) % per_plane * rows
+    return np.minimum(rows, left) * (-(-page.imagewidth * bits // 8))
 
 
 class _TiffReader(ImageReader):
@@ -199,32 +457,60 @@ class _TiffReader(ImageReader):
 
     kind = "TIFF"
 
-    def __init__(self, path: Path, intensity: str):
+    def __init__(self, path: Path, intensity: str, max_pixels: int | None):
         import tifffile
         import zarr
 
-        super().__init__(path, intensity)
+        super().__init__(path, intensity, max_pixels)
         self._tif = tifffile.TiffFile(path)
         try:
             level = self._tif.series[0].levels[0]
             page, axes, shape = level.keyframe, level.axes, level.shape
             if "Y" not in axes or "X" not in axes or 0 in shape:
                 raise ImageReadError(path, f"no 2-D image in the TIFF (axes {axes}, shape {shape})")
+            self.shape = (shape[axes.index("Y")], shape[axes.index("X")])
+            self._limit(*self.shape)
             self._color = "S" in axes and page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
             self._axes = axes
             self._frame_dims = [n for a, n in zip(axes, shape) if a not in "YX" and (a != "S" or not self._color)]
             self.frames = int(np.prod(self._frame_dims))
-            self.shape = (shape[axes.index("Y")], shape[axes.index("X")])
             self.dtype, self._bits = np.dtype(level.dtype), int(page.bitspersample)
             _stored_range(self.dtype)  # refuse unusable sample types at open, not at the first read
             self.invert = page.photometric == tifffile.PHOTOMETRIC.MINISWHITE
-            ends = [np.add(p.dataoffsets, p.databytecounts).max() for p in level.pages if p and p.dataoffsets]
-            if max(ends, default=0) > self._tif.filehandle.size:
-                raise ImageReadError(path, "truncated TIFF: image data runs past the end of the file")
+            pages = [p for p in level.pages if p is not None and p.dataoffsets]
+            size = self._tif.filehandle.size
+            end = max((int(np.add(p.dataoffsets, p.databytecounts).max()) for p in pages), default=0)
+            if end > size:
+                raise ImageReadError(path, f"truncated TIFF: image data runs to byte {end}, the file holds {size}")
+            self._check_segments(pages)
             self._zarr = zarr.open(self._tif.aszarr(series=0, level=0), mode="r")
         except BaseException:
             self._tif.close()
             raise
+
+    def _check_segments(self, pages: list[tifffile.TiffPage | tifffile.TiffFrame]) -> None:
+        """Each strip or tile against its header: uncompressed ones must hold every byte the image
+        needs, JPEG and JPEG 2000 ones must end with their end marker (imagecodecs decodes cut or
+        garbled ones without a complaint, padding them)."""
+        with open(self.path, "rb", buffering=0) as fh:  # one small read per segment: no buffer to refill
+            for page in pages:
+                key, counts = page.keyframe, np.asarray(page.databytecounts, np.int64)
+                segment = "tile" if key.is_tiled else "strip"
+                if key.compression == 1 and key.photometric != 6:  # uncompressed, not subsampled YCbCr
+                    needed = _segment_bytes(key, len(counts))
+                    short = np.flatnonzero((counts > 0) & (counts < needed))  # 0 bytes: a tile left empty
+                    if short.size:
+                        i = int(short[0])
+                        raise ImageReadError(self.path, f"truncated TIFF: {segment} {i} of page {page.index} holds "
+                                                        f"{counts[i]} bytes, the image needs {needed[i]}")
+                codec = _TIFF_CODESTREAMS.get(int(key.compression))
+                if codec is None:
+                    continue
+                for i, (offset, count) in enumerate(zip(page.dataoffsets, counts)):
+                    if count and not _ends_with_marker(_read_at(fh, offset + max(0, count - 64), min(count, 64))):
+                        raise ImageReadError(self.path, f"corrupt or truncated {codec} data in {segment} {i} of page "
+                                                        f"{page.index} (the codestream does not end with its "
+                                                        f"{_END_MARKERS[codec]} marker)")
 
     def _raw(self, y: int, x: int, h: int, w: int, frame: int) -> np.ndarray:
         index = iter(np.unravel_index(frame, self._frame_dims))  # this frame's place on the other axes
@@ -243,49 +529,176 @@ class _DicomReader(ImageReader):
 
     Values are rescaled by RescaleSlope/Intercept; MONOCHROME1 is inverted so that bright means
     dense as in MONOCHROME2. Compressed transfer syntaxes decode through pydicom's plugins.
+    At open the header is checked for a cut and for element lengths running past the end of the
+    file, native pixel data for its full length, and encapsulated pixel data for whole fragments;
+    each frame is checked again as it is decoded (see _check_codestream and _decode).
     """
 
     kind = "DICOM"
 
-    def __init__(self, path: Path, intensity: str):
-        import pydicom
+    def __init__(self, path: Path, intensity: str, max_pixels: int | None):
+        import math
+
+        from pydicom import uid
+        from pydicom.pixels import get_decoder
         from pydicom.pixels.utils import get_expected_length, pixel_dtype
 
-        super().__init__(path, intensity)
+        super().__init__(path, intensity, max_pixels)
         with open(path, "rb") as fh:
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
-            start, tag, size = fh.tell(), fh.read(4), os.fstat(fh.fileno()).st_size  # tag: what stopped it
-        syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
-        deflated = syntax is not None and syntax.is_deflated  # then fh is not where the parser stopped
-        if "Rows" not in ds or "Columns" not in ds:
-            raise ImageReadError(path, "not a DICOM image (no Rows/Columns)")
-        if not deflated and tag[:2] not in (b"\xe0\x7f", b"\x7f\xe0"):  # group 7FE0, either byte order
-            raise ImageReadError(path, "DICOM file has no pixel data")
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-        if photometric == "PALETTE COLOR":
-            raise ImageReadError(path, "PALETTE COLOR DICOM is not supported")
-        self.shape, self.frames = (int(ds.Rows), int(ds.Columns)), int(ds.get("NumberOfFrames") or 1)
-        self.dtype = pixel_dtype(ds, as_float=tag[2:] in (b"\x08\x00", b"\x09\x00", b"\x00\x08", b"\x00\x09"))
-        native = syntax is not None and not deflated and not syntax.is_encapsulated
-        if native and size - start < get_expected_length(ds, "bytes") + 8:
-            raise ImageReadError(path, "truncated DICOM: less pixel data than the header describes")
+            size = os.fstat(fh.fileno()).st_size
+            ds, syntax = self._header(fh, size)
+            start, head = fh.tell(), fh.read(12)  # head: the element that stopped the parse
+            if "Rows" not in ds or "Columns" not in ds:
+                raise ImageReadError(path, "not a DICOM image (no Rows/Columns)")
+            if head[:2] not in (b"\xe0\x7f", b"\x7f\xe0"):  # group 7FE0, either byte order
+                raise ImageReadError(path, "DICOM file has no pixel data")
+            photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+            if photometric == "PALETTE COLOR":
+                raise ImageReadError(path, "PALETTE COLOR DICOM is not supported")
+            self.shape, self.frames = (int(ds.Rows), int(ds.Columns)), int(ds.get("NumberOfFrames") or 1)
+            self._limit(*self.shape)
+            self.dtype = pixel_dtype(ds, as_float=head[2:4] in (b"\x08\x00", b"\x09\x00", b"\x00\x08", b"\x00\x09"))
+            if syntax is not None:
+                try:
+                    decodable = get_decoder(syntax).is_available
+                except NotImplementedError:
+                    decodable = False
+                if not decodable:
+                    raise ImageReadError(path, f"no decoder installed for DICOM transfer syntax {syntax.name}")
+            codecs = (("JPEG 2000", uid.JPEG2000TransferSyntaxes), ("JPEG-LS", uid.JPEGLSTransferSyntaxes),
+                      ("JPEG", uid.JPEGTransferSyntaxes), ("RLE", uid.RLETransferSyntaxes))
+            self._codec = next((name for name, syntaxes in codecs if syntax in syntaxes), "DICOM pixel")
+            self._fragments: list[tuple[int, int]] = []  # (offset, length) of each encapsulated fragment
+            implicit, little = ds.original_encoding
+            length_at = 4 if implicit else 8  # after the tag, or the tag, VR and 2 reserved bytes (OB/OW/...)
+            value_at = start + length_at + 4
+            if syntax is not None and syntax.is_encapsulated:
+                with open(path, "rb", buffering=0) as items:  # 8 bytes at a time: no buffer to refill
+                    self._fragments = self._walk_fragments(items, value_at, size)
+            else:
+                expected, held = get_expected_length(ds, "bytes"), max(0, size - value_at)
+                declared = int.from_bytes(head[length_at : length_at + 4], "little" if little else "big")
+                if held < expected:  # an odd length is padded to even, but the pad byte itself may be missing
+                    raise ImageReadError(path, f"truncated DICOM: the header describes {expected} bytes of "
+                                               f"pixel data, the file holds {held}")
+                if declared < expected:
+                    raise ImageReadError(path, f"corrupt DICOM: the pixel data element declares {declared} "
+                                               f"bytes, the image needs {expected}")
         self.invert = photometric == "MONOCHROME1"
         monochrome = int(ds.get("SamplesPerPixel") or 1) == 1
         self._slope = float(ds.get("RescaleSlope") or 1.0) if monochrome else 1.0
         self._intercept = float(ds.get("RescaleIntercept") or 0.0) if monochrome else 0.0
+        if not (math.isfinite(self._slope) and math.isfinite(self._intercept)):
+            raise ImageReadError(path, f"invalid RescaleSlope/RescaleIntercept ({self._slope}, {self._intercept})")
         self._bits, self._signed = int(ds.get("BitsStored") or 0) or None, ds.get("PixelRepresentation") == 1
         self._frame: tuple[int, np.ndarray] | None = None
 
+    def _header(self, fh: IO[bytes], size: int) -> tuple[pydicom.Dataset, pydicom.uid.UID | None]:
+        """The header up to the pixel data, and its transfer syntax. pydicom stops quietly where the
+        file ends, so a header cut short, or an element whose length runs past the end, is found here."""
+        import pydicom
+        from pydicom.dataelem import RawDataElement
+        from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+
+        watched = _ShortReads(fh)
+        try:
+            ds = pydicom.dcmread(watched, stop_before_pixels=True, force=True, defer_size=1 << 20)
+        except Exception:
+            if watched.cut is None:
+                raise
+            raise ImageReadError(self.path, f"truncated DICOM (header cut at byte {size})") from None
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        if syntax is not None and syntax.is_deflated:  # pydicom's frame decoding does not inflate
+            raise ImageReadError(self.path, f"DICOM transfer syntax {syntax.name} is not supported")
+        over = next((e for e in (*ds.file_meta.elements(), *ds.elements())  # values over 1 MiB were skipped
+                     if isinstance(e, RawDataElement) and e.length != 0xFFFFFFFF and e.value_tell + e.length > size),
+                    None)
+        if over is not None:
+            at = over.value_tell - (12 if not over.is_implicit_VR and over.VR in EXPLICIT_VR_LENGTH_32 else 8)
+            if over.length > size:  # no cut of this file explains it
+                raise ImageReadError(self.path, f"corrupt DICOM element length (tag {over.tag} at byte {at} declares "
+                                                f"{over.length} bytes, {max(0, size - over.value_tell)} remain)")
+            raise ImageReadError(self.path, f"truncated DICOM (header cut at byte {size}, inside tag {over.tag} "
+                                            f"at byte {at}, which declares {over.length} bytes)")
+        if watched.cut is not None:
+            at, asked, got = watched.cut
+            if asked > size:  # a value read that no cut could explain (an element pydicom converted)
+                raise ImageReadError(self.path, f"corrupt DICOM element length (the value at byte {at} declares "
+                                                f"{asked} bytes, {got} remain)")
+            raise ImageReadError(self.path, f"truncated DICOM (header cut at byte {size})")
+        return ds, syntax
+
+    def _walk_fragments(self, fh: IO[bytes], at: int, size: int) -> list[tuple[int, int]]:
+        """(offset, length) of each fragment of the encapsulated pixel data (the offset table left out),
+        after checking that each is whole and that there is one for every frame at least."""
+        items = []
+        while len(item := _read_at(fh, at, 8)) == 8:
+            group, element, length = struct.unpack("<HHI", item)
+            if (group, element) == (0xFFFE, 0xE0DD):  # the sequence delimiter
+                break
+            if (group, element) != (0xFFFE, 0xE000):
+                raise ImageReadError(self.path, f"corrupt DICOM: tag ({group:04X},{element:04X}) at byte {at} "
+                                                "inside the encapsulated pixel data")
+            if at + 8 + length > size:
+                raise ImageReadError(self.path, f"truncated DICOM: the pixel data fragment at byte {at} declares "
+                                                f"{length} bytes, {size - at - 8} remain")
+            items.append((at + 8, length))
+            at += 8 + length
+        else:  # no delimiter: tolerated right at the end of the file, as every fragment is whole
+            if at != size:
+                raise ImageReadError(self.path, f"truncated DICOM (pixel data cut at byte {size})")
+        if len(items) - 1 < self.frames:
+            raise ImageReadError(self.path, f"truncated DICOM: {max(0, len(items) - 1)} pixel data fragment(s) "
+                                            f"for {self.frames} frame(s)")
+        return items[1:]
+
+    def _check_codestream(self, frame: int) -> None:
+        """What the JPEG decoders let through: a JPEG/JPEG-LS/JPEG 2000 frame that does not end with
+        its end marker (pylibjpeg-libjpeg and pylibjpeg-openjpeg decode cut or garbled codestreams
+        without a complaint, padding them), or one of another size than the header's (which pydicom
+        would reshape into garbage). Checked where the frame's fragments are known: one fragment per
+        frame, or the first and last fragment of the first and last frame."""
+        marker, count = _END_MARKERS.get(self._codec), len(self._fragments)
+        if marker is None:
+            return
+        first = frame if count == self.frames else 0 if frame == 0 else None
+        last = frame if count == self.frames else count - 1 if frame == self.frames - 1 else None
+        with open(self.path, "rb") as fh:
+            if last is not None:
+                at, length = self._fragments[last]
+                if not _ends_with_marker(_read_at(fh, at + max(0, length - 64), min(length, 64))):
+                    raise ImageReadError(self.path, f"corrupt or truncated {self._codec} data in frame {frame} "
+                                                    f"(the codestream does not end with its {marker} marker)")
+            if first is not None:
+                at, length = self._fragments[first]
+                size = _codestream_size(_read_at(fh, at, min(length, 1 << 16)))
+                if size is not None and size != self.shape:
+                    raise ImageReadError(self.path, f"corrupt {self._codec} data in frame {frame} (its codestream "
+                                                    f"is {size[0]} x {size[1]} px, the DICOM header says "
+                                                    f"{self.shape[0]} x {self.shape[1]})")
+
+    def _decode(self, frame: int) -> np.ndarray:
+        """One frame, decoded by pydicom: a decoder's error or pydicom's warning of damaged data is an error."""
+        from pydicom.pixels import pixel_array
+
+        self._check_codestream(frame)
+        problem = f"corrupt or truncated {self._codec} data in frame {frame}"
+        with _PydicomWarnings() as warned:
+            try:
+                pixels = pixel_array(os.fspath(self.path), index=frame)
+            except BaseException as exc:
+                if not _decoder_failure(exc):
+                    raise
+                raise ImageReadError(self.path, f"{problem} (decoder: {_reason(exc)})") from None
+        if warned.damage:
+            raise ImageReadError(self.path, _one_line(f"{problem} (pydicom: {warned.damage[0]})"))
+        return pixels
+
     def _raw(self, y: int, x: int, h: int, w: int, frame: int) -> np.ndarray:
         if self._frame is None or self._frame[0] != frame:
-            from pydicom.pixels import pixel_array
-
             self._frame = None  # free the old frame before decoding the next
-            self._frame = (frame, pixel_array(os.fspath(self.path), index=frame))
-        region = self._frame[1][y : y + h, x : x + w]
-        if (self._slope, self._intercept) != (1.0, 0.0):
-            region = region * self._slope + self._intercept
-        return region
+            self._frame = (frame, self._decode(frame))
+        return self._frame[1][y : y + h, x : x + w]
 
     def close(self) -> None:
         self._frame = None
@@ -302,39 +715,57 @@ SUPPORTED_SUFFIXES = frozenset(_READERS)  # plus DICOM under any name, found by 
 
 
 def _reader_class(path: Path) -> type[ImageReader] | None:
-    """The reader by suffix, else DICOM by "DICM" after the 128-byte preamble (names like 1.2.840.5)."""
+    """The reader by suffix, else DICOM by "DICM" after the 128-byte preamble (names like 1.2.840.5).
+
+    Reads the file only for a name without a known suffix; open_image calls it for regular files only.
+    """
     if path.suffix.lower() in _READERS:
         return _READERS[path.suffix.lower()]
     with open(path, "rb") as fh:
         return _DicomReader if fh.read(132)[128:] == b"DICM" else None
 
 
-def open_image(path: str | Path, intensity: str = "bits") -> ImageReader:
-    """Open an image for lazy region reads; ImageReadError for anything that cannot be read."""
+def open_image(path: str | Path, intensity: str = "bits", *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageReader:
+    """Open an image for lazy region reads; ImageReadError for anything that cannot be read.
+
+    Only regular files are opened (a FIFO or device is refused from its stat, never opened), and
+    frames of more than `max_pixels` pixels (height x width; None: no limit) are refused from the header.
+    """
     if intensity not in INTENSITIES:
         raise ConfigError(f"intensity must be 'bits' or 'minmax', not {intensity!r}")
+    if max_pixels is not None and max_pixels < 1:
+        raise ConfigError(f"max_pixels must be at least 1, not {max_pixels}")
     path = Path(path)
-    if not path.exists():
-        raise ImageReadError(path, "file not found")
-    if path.is_dir():
-        raise ImageReadError(path, "is a directory, not an image file")
     try:
-        empty, cls = path.stat().st_size == 0, _reader_class(path)
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageReadError(path, "file not found") from None
     except OSError as exc:
         raise ImageReadError(path, f"cannot read ({_reason(exc)})") from None
-    if empty:
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageReadError(path, "is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _SPECIAL_FILES if test(info.st_mode)), "special file")
+        raise ImageReadError(path, f"not a regular file ({kind})")
+    if info.st_size == 0:
         raise ImageReadError(path, "empty file")
+    try:
+        cls = _reader_class(path)
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read ({_reason(exc)})") from None
     if cls is None:
         raise ImageReadError(path, f"unsupported file type {path.suffix.lower() or '(no suffix)'!r}")
     try:
-        return cls(path, intensity)
+        return cls(path, intensity, max_pixels)
     except ImageReadError:
         raise
     except Exception as exc:
         raise ImageReadError(path, f"cannot open as {cls.kind} ({_reason(exc)})") from None
 
 
-def read_image(path: str | Path, intensity: str = "bits", frame: int = 0) -> np.ndarray:
+def read_image(path: str | Path, intensity: str = "bits", frame: int = 0, *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The whole of one frame as float32 (h, w) grayscale in [0, 1]."""
-    with open_image(path, intensity) as reader:
+    with open_image(path, intensity, max_pixels=max_pixels) as reader:
         return reader.read(frame=frame)

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from swssl import metrics
-from swssl.checkpoint import atomic_write
+from swssl.files import atomic_write
 
 MAX_OVERLAY_SIDE = 1024  # px, long side of a heat-map overlay
 OVERLAY_ALPHA = 0.4

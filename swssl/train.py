@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,9 +18,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from swssl.bank import bank_file, build_bank
+from swssl.bank import MemoryBank, bank_file, build_bank
 from swssl.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_encoder, save_checkpoint, weights_digest
 from swssl.config import Config
+from swssl.device import parse_device
+from swssl.errors import ConfigError, DatasetError, SwsslError
+from swssl.files import LOCK, FolderLock, atomic_write
 from swssl.datasets import Sample, discover, load_resized, select
 from swssl.evaluate import validation_auroc
 from swssl.loss import LossTerms, swssl_loss
@@ -28,6 +32,7 @@ from swssl.sampler import WindowTriplets
 
 CACHE_LIMIT_BYTES = 2 << 30  # training images are held in memory (16-bit) when they fit in this
 LOG = "train_log.csv"
+RUN_MARKERS = {CHECKPOINT, BEST, "config.json", LOG}  # files that say a folder holds a run
 LOG_FIELDS = ("epoch", "loss", "twin", "pair", "neighbour", "seconds", "val_auroc")
 
 
@@ -48,7 +53,10 @@ class LazyImage:
         self.sample, self.config = sample, config
 
     def __call__(self) -> np.ndarray:
-        return load_resized(self.sample, self.config.geometry, self.config.preprocess.intensity, self.sample.frame)
+        try:
+            return load_resized(self.sample, self.config.geometry, self.config.preprocess.intensity, self.sample.frame)
+        except SwsslError as exc:  # read in a DataLoader worker, which re-raises an error by its message alone
+            raise DatasetError(f"{exc}") from None
 
 
 def training_images(samples: list[Sample], config: Config) -> list:
@@ -58,23 +66,43 @@ def training_images(samples: list[Sample], config: Config) -> list:
     return [CachedImage(LazyImage(s, config)()) for s in tqdm(samples, desc="loading images", unit="img")]
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def train(config: Config, data: str | Path, out: str | Path, device: str = "auto", resume: bool = False,
-          epochs: int | None = None, build_final_bank: bool = True) -> Path:
+          epochs: int | None = None, build_final_bank: bool = True, overwrite: bool = False) -> Path:
     """Train an encoder on the normal images of the train split; returns the selected checkpoint.
 
     Every `val_every` epochs the run is checkpointed (out/checkpoint.pt, for --resume) and, when
     the data has a val split with both classes, scored on it: the best image AUROC is kept as
     out/best.pt. At the end the memory bank of the selected encoder is built (out/bank.safetensors; bank-dense.safetensors in dense mode).
     With `resume`, continues from out/checkpoint.pt with the configuration saved in it
-    (`epochs` may extend the budget).
+    (`epochs` may extend the budget); a finished run resumed is left as it is. A folder that already
+    holds a run is refused unless `resume` or `overwrite`; one process at a time holds the folder.
     """
-    out = Path(out)
+    out, dev = Path(out), parse_device(device)
+    with FolderLock(out, "swssl-train"):
+        _prepare_run_folder(out, resume, overwrite)
+        return _train(config, data, out, dev, resume, epochs, build_final_bank)
+
+
+def _prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """A new run needs an empty folder: continuing one is --resume, replacing it is --overwrite (which
+    clears it, but only when it looks like a run folder: a mistyped --out never deletes other files)."""
+    existing = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+    if resume or not existing:
+        return
+    if not overwrite:
+        raise ConfigError(f"{out}: the run folder is not empty ({', '.join(existing[:4])}"
+                          f"{' ...' if len(existing) > 4 else ''}); use --resume to continue that run, "
+                          "--overwrite to replace it, or another --out")
+    if not RUN_MARKERS & set(existing):
+        raise ConfigError(f"{out}: --overwrite refused: the folder does not look like a run folder "
+                          f"(no {' or '.join(sorted(RUN_MARKERS))}); clear it yourself or use another --out")
+    for name in existing:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+
+
+def _train(config: Config, data: str | Path, out: Path, dev: torch.device, resume: bool, epochs: int | None,
+           build_final_bank: bool) -> Path:
     start_epoch, history, state = 0, [], None
     if resume:
         state = load_checkpoint(out / CHECKPOINT)
@@ -82,7 +110,9 @@ def train(config: Config, data: str | Path, out: str | Path, device: str = "auto
     if epochs is not None:
         config = config.override({"train": {"epochs": epochs}})
     tc = config.train
-    dev = resolve_device(device)
+    if start_epoch >= tc.epochs:
+        tqdm.write(f"{out}: training already complete ({start_epoch} of {tc.epochs} epochs); nothing to train "
+                   "(--epochs N extends it)")
 
     everything = discover(data)
     samples = select(everything, "train", label=0)
@@ -99,8 +129,8 @@ def train(config: Config, data: str | Path, out: str | Path, device: str = "auto
         encoder = encoder.to(memory_format=torch.channels_last)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    text = json.dumps(config.to_dict(), indent=2)
+    atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))
     generator = torch.Generator()  # re-seeded every epoch; workers start anew each epoch from it
     loader = DataLoader(dataset, batch_size=min(tc.batch_size, len(dataset)), shuffle=True, generator=generator,
                         num_workers=tc.workers, drop_last=False,
@@ -161,10 +191,18 @@ def _validate(encoder, train_samples, val_samples, config: Config, device, histo
 
 
 def _build_run_bank(checkpoint: Path, samples: list[Sample], device, out: Path) -> None:
+    """The selected encoder's bank; one that already fits it (a finished run resumed) is kept."""
     encoder, config = load_encoder(checkpoint)
-    encoder = encoder.to(device)
-    bank = build_bank(encoder, samples, config, weights_digest(encoder), device=device)
-    bank.save(bank_file(out, config.geometry.mode))
+    digest, path = weights_digest(encoder), bank_file(out, config.geometry.mode)
+    if path.is_file():
+        try:
+            MemoryBank.load(path, config=config, encoder_digest=digest)
+            tqdm.write(f"{path}: memory bank up to date")
+            return
+        except SwsslError:
+            pass  # stale or damaged: rebuilt below
+    bank = build_bank(encoder.to(device), samples, config, digest, device=device)
+    bank.save(path)
 
 
 def train_step(encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, tc, device: torch.device,

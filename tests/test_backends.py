@@ -12,6 +12,7 @@ import torch
 from swssl.backends import (AotiBackend, Backend, BackendError, OnnxRuntimeBackend, TorchBackend, default_providers,
                             load_backend)
 from swssl.checkpoint import load_checkpoint, load_encoder, save_checkpoint
+from swssl.errors import ConfigError
 from swssl.export import verify
 from swssl.export.errors import ArtifactMismatch
 from swssl.export.manifest import check_manifest, sha256_file
@@ -203,5 +204,5 @@ def test_cuda_requests_without_cuda_are_refused(tiny):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     run, _ = tiny
-    with pytest.raises(BackendError, match="CUDA is not available"):
+    with pytest.raises(ConfigError, match="CUDA is not available"):
         load_backend(run, "auto", "cuda")

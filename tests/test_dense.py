@@ -256,7 +256,7 @@ def test_invalid_dense_geometry_is_one_line_error(tmp_path):
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "checkpoint.pt", build_encoder(config), None, 0, config, [])
     result = CliRunner().invoke(cli.bank, [str(tmp_path), "--data", str(tmp_path), "--mode", "dense"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error (swssl.errors)
     assert result.output.startswith("error: dense mode needs patch and step to be multiples")
 
 

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from hostile import dicom_bytes
 from swssl import cli, infer
 from swssl.bank import BANK, build_bank
 from swssl.checkpoint import save_checkpoint, weights_digest
@@ -146,20 +150,7 @@ def test_scores_equal_swssl_eval(evaluated, tmp_path, kind):
 
 def write_volume(path: Path, frames: np.ndarray) -> Path:
     """A multi-frame 16-bit MONOCHROME2 DICOM (a DBT-like volume) written with pydicom."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MG"
-    ds.Rows, ds.Columns = frames.shape[1:]
-    ds.NumberOfFrames = len(frames)
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = frames.astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(dicom_bytes(frames, seed=path.name))
     return path
 
 
@@ -250,17 +241,18 @@ def test_resume_skips_finished_slides_and_retries_errors(tiny, tmp_path):
     second = invoke(a, b, c, broken, "--model", run, "--out", out, "--heatmaps", "--resume")
     assert second.exit_code == 0, second.output
     after = rows_of(out)
-    assert after[:3] == before  # nothing rewritten; the partial line is gone
-    assert [(Path(r["path"]).name, r["status"]) for r in after[3:]] == [("c.png", "ok"), ("d.png", "ok")]
+    assert after[:2] == before[:2]  # nothing redone; the partial line is gone
+    # One row per slide: the retried error's row is replaced by its new result.
+    assert [(Path(r["path"]).name, r["status"]) for r in after[2:]] == [("c.png", "ok"), ("d.png", "ok")]
     assert "1.5" not in {r["score"] for r in after}
     assert all(stamp[name] == (out / "heatmaps" / name).stat().st_mtime_ns for name in stamp)
     third = invoke(a, b, c, broken, "--model", run, "--out", out, "--resume")
-    assert third.exit_code == 0 and len(rows_of(out)) == 5 and "4 file(s) already done" in third.output
+    assert third.exit_code == 0 and len(rows_of(out)) == 4 and "4 file(s) already done" in third.output
     page = (out / "index.html").read_text()
     assert page.count('class="card"') == 4 and "Errors" not in page  # the retried error is superseded
     # Resuming with another scorer would mix scores made differently.
     refused = invoke(a, "--model", run, "--out", out, "--resume", "--scorer", "global")
-    assert refused.exit_code == 1 and "would mix scores" in refused.output
+    assert refused.exit_code == 2 and "would mix scores" in refused.output
     # Without --resume the results start over.
     fresh = invoke(a, "--model", run, "--out", out)
     assert fresh.exit_code == 0 and len(rows_of(out)) == 1 and not list((out / "heatmaps").iterdir())
@@ -341,7 +333,7 @@ def test_native_is_the_configured_default_and_config_is_checked(tiny, tmp_path):
     with pytest.raises(ConfigError, match="geometry.inference"):
         config.override({"geometry": {"inference": "tiles"}}).validate()
     bad = invoke(root / "test-0.png", "--model", run, "--out", out, "--scale", "0.3")
-    assert bad.exit_code == 1 and "1/k" in bad.output
+    assert bad.exit_code == 2 and "1/k" in bad.output  # a usage error
 
 
 def test_find_slides(tmp_path):
@@ -390,3 +382,129 @@ def test_gallery_is_sorted_escaped_and_relative(tmp_path):
     assert 'src="heatmaps/h%20i%23gh.png"' in page and 'src="heatmaps/low.png"' in page
     assert "http" not in page.replace('charset="utf-8"', "")  # nothing fetched from the network
     assert "no overlay" in page and "Volumes" in page and "/s/vol.dcm" in page
+
+
+# --- one writer, full disks, kill -9, damaged banks ------------------------------------------------
+
+
+SWSSL_INFER = str(Path(sys.executable).with_name("swssl-infer"))
+
+
+def run_infer(*args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
+    """The real command in its own process (what an operator runs), never a hang."""
+    return subprocess.run([SWSSL_INFER, *map(str, args), "--quiet", "--device", "cpu"], capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def many_slides(root: Path, folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [shutil.copy(root / f"test-{i % 6}.png", folder / f"s{i:03d}.png") for i in range(count)]
+
+
+def test_a_second_writer_is_refused_at_once(tiny, tmp_path):
+    root, run = tiny
+    out = tmp_path / "out"
+    assert invoke(root / "test-0.png", "--model", run, "--out", out).exit_code == 0
+    before = (out / "scores.jsonl").read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from swssl.files import FolderLock; lock = FolderLock(Path(sys.argv[1]), 'swssl-infer'); "
+                               "print('held', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = run_infer(root / "test-1.png", "--model", run, "--out", out, timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.returncode == 2 and f"PID {holder.pid}" in second.stderr and str(out) in second.stderr
+    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    assert (out / "scores.jsonl").read_bytes() == before  # the first run's results untouched
+
+
+def test_kill_9_then_resume_loses_and_duplicates_nothing(tiny, tmp_path):
+    root, run = tiny
+    slides = many_slides(root, tmp_path / "slides", 60)
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    assert run_infer(*slides, "--model", run, "--out", clean).returncode == 0
+    expected = {(r["path"], r["frame"]): r["score"] for r in infer.read_results(clean)}
+    victim = subprocess.Popen([SWSSL_INFER, *map(str, slides), "--model", str(run), "--out", str(out), "--quiet",
+                               "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None:
+        if len(infer.read_results(out)) >= 3:
+            break
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_with = len(infer.read_results(out))
+    assert 3 <= killed_with < len(slides), "the run was not killed mid-way"
+    resumed = run_infer(*slides, "--model", run, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{killed_with} file(s) already done" in resumed.stdout
+    rows = rows_of(out)
+    assert sorted(r["path"] for r in rows) == sorted(str(p.resolve()) for p in slides)  # each once
+    assert {(r["path"], r["frame"]): r["score"] for r in infer.read_results(out)} == expected
+
+
+def test_full_disk_is_one_line_and_keeps_finished_rows(tiny, tmp_path):
+    """A tmpfs a few pages large fills up mid-run: exit status 2, one line naming the file, whole rows only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; the full-disk path is then untested here")
+    root, run = tiny
+    slides = many_slides(root, tmp_path / "slides", 200)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        full = run_infer(*slides, "--model", run, "--out", disk / "out")
+        assert full.returncode == 2, full.stderr
+        assert "Traceback" not in full.stderr and "No space left on device" in full.stderr
+        errors = [line for line in full.stderr.splitlines() if not line.startswith("backend: ")]
+        assert len(errors) == 1 and errors[0].startswith("error: ") and "scores." in errors[0], full.stderr
+        lines = (disk / "out" / "scores.jsonl").read_bytes().split(b"\n")
+        assert lines[-1] == b"" and all(json.loads(line) for line in lines[:-1])  # no cut line
+        rows = rows_of(disk / "out")
+        assert 0 < len(rows) < len(slides) and all(r["status"] == "ok" and r["score"] for r in rows)
+        (disk / "filler").write_bytes(b"")  # and a disk full before the first row: one line too
+        with open(disk / "filler", "wb") as handle:
+            try:
+                handle.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        start = run_infer(slides[0], "--model", run, "--out", disk / "out2")
+        assert start.returncode == 2 and "Traceback" not in start.stderr and "No space left" in start.stderr
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_unwritable_heatmaps_make_the_exit_status_2_and_are_listed(tiny, tmp_path):
+    root, run = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "heatmaps").write_text("a file where the heatmap folder should be")
+    result = invoke(root / "test-0.png", root / "test-1.png", "--model", run, "--out", out, "--heatmaps")
+    assert result.exit_code == 2, result.output
+    assert "2 output(s) could not be written" in result.output and "heatmap of" in result.output
+    rows = rows_of(out)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and all("no heatmap" in r["message"] for r in rows)
+
+
+def test_damaged_bank_is_refused(tiny, tmp_path):
+    from swssl.bank import BankDamagedError, MemoryBank
+
+    root, run = tiny
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    data = bytearray((damaged / BANK).read_bytes())
+    data[-100] ^= 0x10  # one bit of one embedding
+    (damaged / BANK).write_bytes(bytes(data))
+    with pytest.raises(BankDamagedError, match="checksum.*swssl-bank RUN_DIR"):
+        MemoryBank.load(damaged / BANK)
+    result = run_infer(root / "test-0.png", "--model", damaged, "--out", tmp_path / "out")
+    assert result.returncode == 1 and "damaged" in result.stderr and "Traceback" not in result.stderr
+    bank = MemoryBank.load(run / BANK)
+    bank.embeddings[0, 0, 0, :3] = float("nan")
+    bank.save(damaged / BANK)  # a consistent checksum, but NaN inside
+    with pytest.raises(BankDamagedError, match="3 NaN/inf"):
+        MemoryBank.load(damaged / BANK)

@@ -1,20 +1,31 @@
 """Readers: every format gives float32 grayscale in [0, 1] equal to an independent computation."""
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import tracemalloc
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import tifffile
-from PIL import Image
+from PIL import Image, ImageFile
 from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate, generate_frames
 
 from swssl import readers
 from swssl.errors import ConfigError, ImageReadError
-from swssl.readers import SUPPORTED_SUFFIXES, open_image, read_image
+from swssl.readers import DEFAULT_MAX_PIXELS, SUPPORTED_SUFFIXES, open_image, read_image
 
 RNG = np.random.default_rng(7)
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -311,9 +322,9 @@ def test_npy_2d_and_3d_memory_mapped(tmp_path, monkeypatch):
     assert modes == ["r", "r"]
 
 
-def test_npy_float_is_clipped_nan_is_zero_and_signed_uses_its_range(tmp_path):
-    np.save(tmp_path / "f.npy", np.array([[-0.5, 0.25, np.nan], [0.75, 1.5, 0.5]], np.float32))
-    check(read_image(tmp_path / "f.npy"), np.array([[0, 0.25, 0], [0.75, 1.0, 0.5]]), atol=0)  # NaN -> 0
+def test_npy_float_is_clipped_and_signed_uses_its_range(tmp_path):
+    np.save(tmp_path / "f.npy", np.array([[-0.5, 0.25, 0.0], [0.75, 1.5, 0.5]], np.float32))
+    check(read_image(tmp_path / "f.npy"), np.array([[0, 0.25, 0], [0.75, 1.0, 0.5]]), atol=0)
     signed = np.array([[-32768, 0], [1000, 32767]], np.int16)
     np.save(tmp_path / "i.npy", signed)
     check(read_image(tmp_path / "i.npy"), (signed + 32768.0) / 65535)
@@ -457,3 +468,434 @@ def test_float_pixel_data_dicom_is_clipped(tmp_path):
     with open_image(tmp_path / "float.dcm") as reader:
         assert reader.dtype == np.float32
         check(reader.read(), np.clip(values.astype(np.float64), 0, 1), atol=0)
+
+
+def test_bad_max_pixels_is_a_config_error(tmp_path):
+    """A limit below 1 px would refuse every image."""
+    np.save(tmp_path / "s.npy", np.zeros((3, 3), np.uint8))
+    with pytest.raises(ConfigError):
+        open_image(tmp_path / "s.npy", max_pixels=0)
+
+
+# --- strictness: files that must never read as images ------------------------------------------
+
+
+@contextlib.contextmanager
+def fails_instead_of_hanging(seconds: int = 5) -> Iterator[None]:
+    """Opening a FIFO blocks until a writer comes: a regression must fail the test, not hang it."""
+    def stop(signum: int, frame: object) -> None:
+        raise TimeoutError("open_image blocked")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_special_files_are_refused_from_their_stat(tmp_path):
+    """A FIFO (with or without an image suffix), a device or a socket is never opened."""
+    for name in ("pipe.png", "pipe"):
+        os.mkfifo(tmp_path / name)
+        with fails_instead_of_hanging():
+            assert raises_naming(tmp_path / name, open_image).reason == "not a regular file (FIFO)"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(os.fspath(tmp_path / "sock.dcm"))
+        assert raises_naming(tmp_path / "sock.dcm", open_image).reason == "not a regular file (socket)"
+    assert raises_naming(Path("/dev/null"), open_image).reason == "not a regular file (character device)"
+
+
+def small_image(folder: Path, suffix: str) -> tuple[Path, int, int]:
+    """A small valid image of each format, and its height and width."""
+    path = folder / f"small{suffix}"
+    values = RNG.integers(0, 256, (30, 40), dtype=np.uint8)
+    if suffix == ".dcm":
+        shutil.copy(dicom_file("MR_small.dcm"), path)
+        return path, 64, 64
+    if suffix == ".tif":
+        tifffile.imwrite(path, values)
+    elif suffix == ".npy":
+        np.save(path, values)
+    else:
+        Image.fromarray(values).save(path)
+    return path, 30, 40
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif", ".dcm", ".npy"])
+def test_pixel_limit(tmp_path, suffix):
+    """Checked from each format's header; None is no limit."""
+    path, height, width = small_image(tmp_path, suffix)
+    limit = height * width - 1
+    reason = raises_naming(path, open_image, max_pixels=limit).reason
+    assert reason == f"image of {height} x {width} px is larger than the pixel limit of {limit} (--max-pixels)"
+    for limit in (height * width, None):
+        with open_image(path, max_pixels=limit) as reader:
+            assert reader.read().shape == (height, width)
+
+
+def png_file(path: Path, width: int, height: int, scanlines: bytes, interlace: int = 0) -> Path:
+    """An 8-bit grayscale PNG with valid chunks and CRCs around `scanlines` (filter byte + samples each)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, interlace)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def rows(values: np.ndarray) -> bytes:
+    return b"".join(b"\0" + row.tobytes() for row in values)
+
+
+ADAM7 = [(0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1)]
+
+
+def peak_bytes(call: Callable[[], object]) -> tuple[object, int]:
+    """What `call` returns, and the most memory it held at once."""
+    tracemalloc.start()
+    try:
+        return call(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path):
+    """A PNG that declares 10000 x 10000 is refused from its header: no 100 MB frame is decoded."""
+    path = png_file(tmp_path / "big.png", 10000, 10000, rows(np.zeros((4, 10000), np.uint8)))
+    error, peak = peak_bytes(lambda: raises_naming(path, open_image, max_pixels=10**6))
+    assert error.reason.startswith("image of 10000 x 10000 px is larger than the pixel limit of 1000000")
+    assert peak < 10 * 2**20
+    with open(tmp_path / "huge.npy", "wb") as fh:  # the header only: the limit comes before the size check
+        np.lib.format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False, "shape": (70000, 70000)})
+    reason = raises_naming(tmp_path / "huge.npy", open_image).reason
+    assert reason == f"image of 70000 x 70000 px is larger than the pixel limit of {DEFAULT_MAX_PIXELS} (--max-pixels)"
+
+
+def test_pillow_bomb_check_gives_way_to_the_pixel_limit(tmp_path, monkeypatch):
+    """With Pillow's own limit at 1000 px, 100 x 100 would be its DecompressionBombError: only ours counts."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    values = RNG.integers(0, 256, (100, 100), dtype=np.uint8)
+    Image.fromarray(values).save(tmp_path / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would raise
+        check(read_image(tmp_path / "a.png"), values / 255, atol=0)
+    reason = raises_naming(tmp_path / "a.png", max_pixels=5000).reason
+    assert reason == "image of 100 x 100 px is larger than the pixel limit of 5000 (--max-pixels)"
+    assert Image.MAX_IMAGE_PIXELS == 1000  # put back
+
+
+def test_png_whose_data_ends_early_is_truncated(tmp_path):
+    """Pillow zero-fills the rows a complete but short zlib stream leaves out; interlaced PNGs still read."""
+    values = RNG.integers(0, 256, (37, 29), dtype=np.uint8)
+    path = png_file(tmp_path / "short.png", 29, 37, rows(values[:4]))
+    assert raises_naming(path).reason == ("truncated PNG: its compressed data holds 120 of the 1110 bytes of "
+                                          "pixel rows the header declares")
+    passes = [values[y0::dy, x0::dx] for y0, x0, dy, dx in ADAM7]
+    check(read_image(png_file(tmp_path / "adam7.png", 29, 37, b"".join(map(rows, passes)), 1)), values / 255, atol=0)
+    held = b"".join(map(rows, passes[:-1]))
+    path = png_file(tmp_path / "adam7-short.png", 29, 37, held, 1)
+    needed = len(held) + len(rows(passes[-1]))
+    reason = raises_naming(path).reason
+    assert reason.startswith(f"truncated PNG: its compressed data holds {len(held)} of the {needed} bytes")
+    Image.fromarray(values).save(tmp_path / "full.png")
+    assert raises_naming(truncate(tmp_path / "full.png", tmp_path / "cut.png")).reason.startswith("truncated PNG")
+
+
+def test_truncated_jpeg_is_refused_whatever_pillow_is_set_to(tmp_path, monkeypatch):
+    """Pillow's LOAD_TRUNCATED_IMAGES would pad the missing rows; it is off for our load only."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # set by some other code in the process
+    Image.fromarray(RNG.integers(0, 256, (64, 64), dtype=np.uint8)).save(tmp_path / "full.jpg")
+    reason = raises_naming(truncate(tmp_path / "full.jpg", tmp_path / "cut.jpg")).reason
+    assert reason.startswith("corrupt or truncated JPEG data (decoder: OSError: image file is truncated")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # put back
+
+
+def reencapsulated(folder: Path, name: str, change: Callable[[list[bytes]], list[bytes]], **header) -> Path:
+    """pydicom's test file `name` with its frames replaced by change(frames): a structurally valid file."""
+    ds = pydicom.dcmread(dicom_file(name))
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
+    ds.PixelData = encapsulate(change(frames))
+    ds["PixelData"].is_undefined_length = True
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
+    ds.save_as(folder / f"changed-{name}")
+    return folder / f"changed-{name}"
+
+
+def garbled(frame: bytes) -> bytes:
+    """The frame's second half replaced by random bytes (the same bytes whatever tests run before)."""
+    return frame[: len(frame) // 2] + np.random.default_rng(3).bytes(len(frame) - len(frame) // 2)
+
+
+@pytest.mark.parametrize("name, damage, codec, marker", [
+    ("SC_rgb_jpeg_dcmtk.dcm", "cut", "JPEG", "EOI"),  # pylibjpeg-libjpeg pads it silently
+    ("MR_small_jp2klossless.dcm", "garble", "JPEG 2000", "EOC"),  # pylibjpeg-openjpeg decodes it silently
+    ("MR_small_jp2klossless.dcm", "cut", "JPEG 2000", "EOC"),
+])
+def test_dicom_codestream_cut_or_garbled(tmp_path, name, damage, codec, marker):
+    """The garbled JPEG 2000 frame was once scored as valid, with the highest score of its run."""
+    change = (lambda f: f[: len(f) // 2]) if damage == "cut" else garbled
+    path = reencapsulated(tmp_path, name, lambda frames: [change(frames[0]), *frames[1:]])
+    assert raises_naming(path).reason == (f"corrupt or truncated {codec} data in frame 0 "
+                                          f"(the codestream does not end with its {marker} marker)")
+
+
+@pytest.mark.parametrize("damage", ["cut", "garble"])
+def test_dicom_rle_cut_or_garbled(tmp_path, damage):
+    """The decoders' own errors, a Rust panic (a BaseException) included, name the frame and the codec."""
+    change = (lambda f: f[: len(f) // 2]) if damage == "cut" else garbled  # garbled: a Rust panic in pylibjpeg-rle
+    path = reencapsulated(tmp_path, "MR_small_RLE.dcm", lambda frames: [change(frames[0])])
+    assert raises_naming(path).reason.startswith("corrupt or truncated RLE data in frame 0 (decoder: ")
+
+
+@pytest.mark.parametrize("name, codec, rows, columns", [("MR_small_jp2klossless.dcm", "JPEG 2000", 32, 128),
+                                                         ("SC_rgb_jpeg_dcmtk.dcm", "JPEG", 50, 200)])
+def test_dicom_codestream_size_must_match_the_header(tmp_path, name, codec, rows, columns):
+    """pydicom reshapes a codestream of as many pixels into the header's size without a word."""
+    path = reencapsulated(tmp_path, name, list, Rows=rows, Columns=columns)
+    side = 64 if codec == "JPEG 2000" else 100
+    assert raises_naming(path).reason == (f"corrupt {codec} data in frame 0 (its codestream is {side} x {side} px, "
+                                          f"the DICOM header says {rows} x {columns})")
+
+
+def test_pydicom_warnings_of_damaged_data_are_errors(monkeypatch):
+    """pydicom warns, and returns the frame, where encapsulated data ends without an EOI/EOC marker."""
+    from pydicom.misc import warn_and_log
+
+    decode, path = pydicom.pixels.pixel_array, Path(dicom_file("MR_small_jp2klossless.dcm"))
+
+    def warning(text: str) -> Callable[..., np.ndarray]:
+        return lambda *args, **kwargs: warn_and_log(text) or decode(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", warning(
+        "The end of the encapsulated pixel data has been reached but no JPEG EOI/EOC marker was found, the "
+        "returned frame data may be invalid"))
+    with pytest.warns(UserWarning):
+        reason = raises_naming(path).reason
+    assert reason.startswith("corrupt or truncated JPEG 2000 data in frame 0 (pydicom: The end of the encapsulated")
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", warning(
+        "The pixel data is 8194 bytes long, which indicates it contains 2 bytes of excess padding to be removed"))
+    with pytest.warns(UserWarning):  # harmless: the frame reads
+        assert read_image(path).shape == (64, 64)
+
+
+@pytest.mark.parametrize("compression, codec, marker", [("jpeg", "JPEG", "EOI"), ("jpeg2000", "JPEG 2000", "EOC")])
+@pytest.mark.parametrize("damage", ["cut", "garble"])
+def test_tiff_codestream_tiles_must_end_with_their_marker(tmp_path, compression, codec, marker, damage):
+    """imagecodecs decodes a JPEG tile cut short, or a JPEG 2000 tile half garbled, without a complaint."""
+    values = (np.add.outer(np.arange(512), np.arange(512)) % 251).astype(np.uint8)
+    path = tmp_path / "tiles.tif"
+    tifffile.imwrite(path, values, tile=(256, 256), compression=compression)
+    assert read_image(path).shape == (512, 512)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[1], page.databytecounts[1]
+        if damage == "cut":
+            page.tags["TileByteCounts"].overwrite([c // 2 if i == 1 else c for i, c in enumerate(page.databytecounts)])
+    if damage == "garble":
+        with open(path, "r+b") as fh:
+            fh.seek(offset)
+            tile = garbled(fh.read(count))
+            fh.seek(offset)
+            fh.write(tile)
+    assert raises_naming(path, open_image).reason == (f"corrupt or truncated {codec} data in tile 1 of page 0 "
+                                                      f"(the codestream does not end with its {marker} marker)")
+
+
+@pytest.mark.parametrize("layout, segment, counts, needed", [({"rowsperstrip": 16}, "strip", "StripByteCounts", 1920),
+                                                             ({"tile": (32, 32)}, "tile", "TileByteCounts", 2048)])
+def test_uncompressed_tiff_segment_too_short(tmp_path, layout, segment, counts, needed):
+    """tifffile would only fail at the read of that strip or tile; it is refused at open."""
+    tifffile.imwrite(tmp_path / "u.tif", np.arange(100 * 60, dtype=np.uint16).reshape(100, 60), **layout)
+    with tifffile.TiffFile(tmp_path / "u.tif", mode="r+b") as tif:
+        sizes = list(tif.pages[0].databytecounts)
+        tif.pages[0].tags[counts].overwrite([sizes[0], sizes[1] - 1, *sizes[2:]])
+    assert raises_naming(tmp_path / "u.tif", open_image).reason == (
+        f"truncated TIFF: {segment} 1 of page 0 holds {needed - 1} bytes, the image needs {needed}")
+
+
+def test_native_dicom_pixel_data_length_is_exact(tmp_path):
+    """One byte short is refused at open (numpy would fail later); an odd length's missing pad byte is not."""
+    ds = pydicom.dcmread(dicom_file("MR_small.dcm"))
+    values = np.arange(9, dtype=np.uint8).reshape(3, 3)
+    data = open(dicom_file("MR_small.dcm"), "rb").read()
+    start = data.index(b"\xe0\x7f\x10\x00OW") + 12  # trailing padding follows the pixel data
+    (tmp_path / "short.dcm").write_bytes(data[: start + 8192 - 1])
+    assert raises_naming(tmp_path / "short.dcm", open_image).reason == (
+        "truncated DICOM: the header describes 8192 bytes of pixel data, the file holds 8191")
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 3, 3, 8, 8, 7, 0
+    ds.PixelData = values.tobytes()  # 9 bytes, written as 10
+    ds.save_as(tmp_path / "odd.dcm")
+    data = (tmp_path / "odd.dcm").read_bytes()
+    start = data.index(b"\xe0\x7f\x10\x00") + 12
+    assert data[start - 4 : start] == struct.pack("<I", 10)
+    for keep, name in ((10, "odd.dcm"), (9, "no-pad.dcm")):
+        (tmp_path / name).write_bytes(data[: start + keep])
+        check(read_image(tmp_path / name), values / 255, atol=0)
+    (tmp_path / "odd-short.dcm").write_bytes(data[: start + 8])
+    assert raises_naming(tmp_path / "odd-short.dcm", open_image).reason == (
+        "truncated DICOM: the header describes 9 bytes of pixel data, the file holds 8")
+
+
+def test_dicom_cut_inside_its_header(tmp_path):
+    """pydicom stops quietly at the end of the file; this used to read "not a DICOM image (no Rows/Columns)"."""
+    data = open(dicom_file("MR_small.dcm"), "rb").read()
+    pixel_at = data.index(b"\xe0\x7f\x10\x00OW")
+    for cut in (200, 500, 1100, pixel_at + 11):  # in the file meta, in the dataset, in the pixel data's header
+        (tmp_path / "cut.dcm").write_bytes(data[:cut])
+        reason = raises_naming(tmp_path / "cut.dcm", open_image).reason
+        assert reason.startswith(f"truncated DICOM (header cut at byte {cut}")
+    assert raises_naming(Path(dicom_file("rtplan.dcm")), open_image).reason == "not a DICOM image (no Rows/Columns)"
+
+
+def test_dicom_element_length_past_the_end(tmp_path):
+    """A length field that claims more than the file holds; the big one is skipped by pydicom, not read."""
+    data = open(dicom_file("MR_small.dcm"), "rb").read()
+    name = data.index(b"\x10\x00\x10\x00PN")  # PatientName, a 2-byte length
+    version = data.index(b"\x02\x00\x01\x00OB\x00\x00")  # FileMetaInformationVersion, a 4-byte length
+    for at, tag, length, field, start in ((name, "(0010,0010)", 0xFFF0, "<H", name + 6),
+                                          (version, "(0002,0001)", 0x7FFFFFF0, "<I", version + 8)):
+        end = start + struct.calcsize(field)  # the length field, after the tag, VR (and 2 reserved bytes)
+        (tmp_path / "bad.dcm").write_bytes(data[:start] + struct.pack(field, length) + data[end:])
+        remain = len(data) - end
+        assert raises_naming(tmp_path / "bad.dcm", open_image).reason == (
+            f"corrupt DICOM element length (tag {tag} at byte {at} declares {length} bytes, {remain} remain)")
+
+
+def test_encapsulated_dicom_fragments_are_checked_at_open(tmp_path):
+    """A file cut inside its pixel data fails at open, not at the read of a late frame."""
+    data = open(dicom_file("emri_small_RLE.dcm"), "rb").read()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) * 6 // 10])
+    assert raises_naming(tmp_path / "cut.dcm", open_image).reason.startswith(
+        "truncated DICOM: the pixel data fragment at byte ")
+    path = reencapsulated(tmp_path, "emri_small_RLE.dcm", lambda frames: frames[:9])
+    assert raises_naming(path, open_image).reason == "truncated DICOM: 9 pixel data fragment(s) for 10 frame(s)"
+    assert data.endswith(b"\xfe\xff\xdd\xe0\0\0\0\0")  # the sequence delimiter
+    (tmp_path / "no-delimiter.dcm").write_bytes(data[:-8])  # every fragment whole: tolerated
+    with open_image(tmp_path / "no-delimiter.dcm") as cut, open_image(dicom_file("emri_small_RLE.dcm")) as whole:
+        np.testing.assert_array_equal(cut.read(frame=9), whole.read(frame=9))
+
+
+def test_deflated_dicom_is_refused():
+    """pydicom decodes frames from the file as it is: a deflated one was never readable."""
+    reason = raises_naming(Path(dicom_file("image_dfl.dcm")), open_image).reason
+    assert reason == "DICOM transfer syntax Deflated Explicit VR Little Endian is not supported"
+
+
+def test_dicom_without_its_decoder(monkeypatch):
+    """Not "corrupt data": the plugin is missing (pylibjpeg-rle, say)."""
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda syntax: type("Decoder", (), {"is_available": False}))
+    reason = raises_naming(Path(dicom_file("MR_small_RLE.dcm")), open_image).reason
+    assert reason == "no decoder installed for DICOM transfer syntax RLE Lossless"
+
+
+def test_nan_and_inf_pixels_are_errors(tmp_path):
+    """They were read as 0 before: an image of NaNs scored as a clean black one."""
+    values = np.full((6, 5), 0.5, np.float32)
+    values[3, 2] = np.nan
+    np.save(tmp_path / "nan.npy", values)
+    assert raises_naming(tmp_path / "nan.npy").reason == "1 NaN/inf pixel value(s) in frame 0"
+    with open_image(tmp_path / "nan.npy") as reader:
+        check(reader.read((0, 0, 3, 5)), np.full((3, 5), 0.5), atol=0)
+        reason = raises_naming(tmp_path / "nan.npy", lambda p: reader.read((2, 0, 3, 5))).reason
+        assert reason == "1 NaN/inf pixel value(s) in rows 2-4 of frame 0"
+    with open_image(tmp_path / "nan.npy", intensity="minmax") as reader:  # no nanmin/nanmax over the frame
+        reason = raises_naming(tmp_path / "nan.npy", lambda p: reader.read((0, 0, 3, 5))).reason
+        assert reason == "1 NaN/inf pixel value(s) in frame 0"
+    values[3, 2], values[0, :2] = 0.5, [np.inf, -np.inf]
+    tifffile.imwrite(tmp_path / "inf.tif", values)
+    assert raises_naming(tmp_path / "inf.tif").reason == "2 NaN/inf pixel value(s) in frame 0"
+    ds = pydicom.dcmread(dicom_file("MR_small.dcm"))
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.FloatPixelData = 6, 5, 32, values.tobytes()
+    ds.save_as(tmp_path / "inf.dcm")
+    assert raises_naming(tmp_path / "inf.dcm").reason == "2 NaN/inf pixel value(s) in frame 0"
+
+
+def test_non_finite_rescale_is_refused(tmp_path):
+    """A NaN slope would make every pixel NaN, past the float-data check."""
+    ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
+    with pytest.warns(UserWarning):  # pydicom, on the value
+        ds.RescaleSlope = "NaN"
+    ds.save_as(tmp_path / "nan-slope.dcm")
+    assert raises_naming(tmp_path / "nan-slope.dcm", open_image).reason == (
+        "invalid RescaleSlope/RescaleIntercept (nan, -1024.0)")
+
+
+def test_npy_header_is_checked_before_mapping(tmp_path):
+    """numpy's own errors would say to set allow_pickle, or fail only when the map is read."""
+    (tmp_path / "noise.npy").write_bytes(RNG.integers(0, 256, 512, dtype=np.uint8).tobytes())
+    assert raises_naming(tmp_path / "noise.npy", open_image).reason == "not a .npy file (no NumPy header)"
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    assert raises_naming(tmp_path / "objects.npy", open_image).reason == (
+        "the .npy holds Python objects (pickled data); refusing to unpickle it")
+    np.save(tmp_path / "full.npy", np.zeros((40, 50), np.uint16))
+    data = (tmp_path / "full.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[:-1])
+    assert raises_naming(tmp_path / "cut.npy", open_image).reason == (
+        "truncated .npy: the header declares 4000 bytes of pixel data, the file holds 3999")
+    np.save(tmp_path / "4d.npy", np.zeros((2, 3, 4, 5), np.uint8))
+    assert raises_naming(tmp_path / "4d.npy", open_image).reason == (
+        "unsupported .npy shape (2, 3, 4, 5): expected H x W, N x H x W frames, or H x W x 3/4 colour")
+
+
+def test_npy_layout_colour_or_frames(tmp_path):
+    """H x W x 3/4 is one colour frame (it used to be 32 frames of 32 x 3 px); other 3-D is N x H x W."""
+    rgba = RNG.integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    np.save(tmp_path / "rgba.npy", rgba)
+    np.save(tmp_path / "rgb.npy", rgba[..., :3])
+    for name in ("rgb.npy", "rgba.npy"):
+        with open_image(tmp_path / name) as reader:
+            assert reader.frames == 1 and reader.shape == (32, 32)
+            check(reader.read((4, 5, 10, 20)), rgba[4:14, 5:25, :3].astype(np.float64) @ LUMA / 255)
+    stack = RNG.integers(0, 256, (32, 32, 5), dtype=np.uint8)
+    np.save(tmp_path / "stack.npy", stack)
+    with open_image(tmp_path / "stack.npy") as reader:
+        assert reader.frames == 32 and reader.shape == (32, 5)
+        check(reader.read(frame=7), stack[7] / 255, atol=0)
+
+
+def sparse_npy(path: Path, shape: tuple[int, int]) -> Path:
+    """A uint16 .npy of zeros that holds no data blocks on disk: the header, then a hole up to full size."""
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<u2", "fortran_order": False, "shape": shape})
+        fh.truncate(fh.tell() + 2 * shape[0] * shape[1])
+    return path
+
+
+def test_sparse_npy_stays_memory_mapped(tmp_path):
+    """Opening a 16000 x 16000 .npy and reading a band of rows costs the band, not the 512 MB frame."""
+    path = sparse_npy(tmp_path / "sparse.npy", (16000, 16000))
+
+    def band() -> np.ndarray:
+        with open_image(path) as reader:
+            return reader.read((8000, 0, 64, 16000))
+
+    values, peak = peak_bytes(band)
+    check(values, np.zeros((64, 16000)), atol=0)
+    assert peak < 16 * 2**20
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_read_scales_in_one_float32_array(tmp_path, dtype):
+    """A frame's read costs one float32 copy (and a 1-byte NaN mask for float data), not 3-4 temporaries."""
+    values = (RNG.random((1024, 1024)) * 60000).astype(dtype)  # float32: clipped to 1, as it happens
+    np.save(tmp_path / "a.npy", values)
+    with open_image(tmp_path / "a.npy") as reader:
+        assert peak_bytes(reader.read)[1] < 1.3 * 5 * values.size
+
+
+def test_dicom_rescale_scales_in_one_float32_array(tmp_path):
+    """RescaleSlope/Intercept are folded into the scaling: no float64 copies of the frame."""
+    ds, px = stored("CT_small.dcm")
+    big = np.tile(px.astype(np.int16), (8, 8))
+    ds.Rows, ds.Columns, ds.PixelData = 1024, 1024, big.tobytes()
+    ds.save_as(tmp_path / "big-ct.dcm")
+    with open_image(tmp_path / "big-ct.dcm") as reader:
+        reader.read((0, 0, 1, 1))  # decodes and caches the frame
+        scaled, peak = peak_bytes(reader.read)
+    check(scaled, bits_scaled(ds, big.astype(np.float64)))
+    assert peak < 1.3 * 4 * big.size

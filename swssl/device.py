@@ -1,0 +1,31 @@
+"""One device parser for every command: `--device auto|cpu|cuda|cuda:N`, refused in one line when unusable."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from swssl.errors import ConfigError
+
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def parse_device(device: str | torch.device, auto_cuda: bool = True) -> torch.device:
+    """The torch device for `device`; "auto" is the first CUDA GPU when there is one (and `auto_cuda`), else the CPU.
+
+    ConfigError (exit status 2) for anything else or for a GPU this machine does not have.
+    """
+    text = str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if auto_cuda and torch.cuda.is_available() else "cpu")
+    if not _PATTERN.fullmatch(text):
+        raise ConfigError(f"--device {device}: not a device; use {DEVICE_HELP}")
+    parsed = torch.device(text)
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available here (no GPU, or a CPU-only torch); "
+                              "use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
