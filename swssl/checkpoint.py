@@ -19,8 +19,9 @@ BEST = "best.pt"  # the state selected on the val split
 
 def save_checkpoint(path: Path, encoder: PatchEncoder, optimizer: torch.optim.Optimizer | None,
                     epoch: int, config: Config, history: list[dict[str, float]]) -> None:
-    state = {"model": encoder.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
-             "epoch": epoch, "config": config.to_dict(), "history": history}
+    model = encoder.state_dict()
+    state = {"model": model, "optimizer": optimizer.state_dict() if optimizer else None,
+             "epoch": epoch, "config": config.to_dict(), "history": history, "weights_digest": state_digest(model)}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -40,6 +41,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: corrupt or not a swssl checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or not {"model", "config", "epoch"} <= state.keys():
         raise CheckpointError(f"{path}: not a swssl checkpoint (model, config or epoch missing)")
+    if "weights_digest" in state and state_digest(state["model"]) != state["weights_digest"]:
+        raise CheckpointError(f"{path}: damaged checkpoint (its weights do not match the digest saved with them); "
+                              "restore it or train again")
     state["config"] = Config.from_dict(state["config"])
     state["path"] = path
     return state
@@ -64,8 +68,14 @@ def encoder_from_state(state: dict[str, Any]) -> tuple[PatchEncoder, Config]:
 
 def weights_digest(encoder: PatchEncoder) -> str:
     """SHA-256 of the encoder's tensors: what banks and exports record to prove their source."""
+    return state_digest(encoder.state_dict())
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names and tensors; checkpoints carry it (checked on load: torch.load
+    checks no checksum, so a flipped bit would otherwise load as other weights)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

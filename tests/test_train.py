@@ -79,3 +79,20 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused(tmp_path):
+    """torch.load checks no checksum: without the digest saved beside the weights, a flipped bit would
+    load as other weights (and a bank or export would only say that the weights differ)."""
+    from swssl.checkpoint import save_checkpoint
+    from swssl.errors import CheckpointError
+
+    config = small_config()
+    encoder = build_encoder(config).eval()
+    save_checkpoint(tmp_path / "checkpoint.pt", encoder, None, 0, config, [])
+    assert load_checkpoint(tmp_path)["weights_digest"] == weights_digest(encoder)
+    data = bytearray((tmp_path / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 0x40  # inside the tensor data (most of the file)
+    (tmp_path / "checkpoint.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged checkpoint"):
+        load_checkpoint(tmp_path)
