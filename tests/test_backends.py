@@ -114,6 +114,12 @@ def test_a_tampered_artifact_is_refused(copy):
         load_backend(package)
 
 
+def test_a_corrupt_manifest_is_named(copy):
+    (copy / "export" / "onnx" / "manifest.json").write_text('{"format": "swssl-export/1", "kind": ')
+    with pytest.raises(BackendError, match=r"onnx/manifest.json: manifest.json is not valid JSON at line 1"):
+        load_backend(copy, "onnxruntime", "cpu")
+
+
 def test_exports_of_other_weights_are_refused(copy):
     state = load_checkpoint(copy)
     encoder, config = load_encoder(copy)

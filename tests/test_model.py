@@ -51,6 +51,22 @@ def test_wrong_or_corrupt_weights_are_refused(tmp_path):
         build_encoder(config, weights=str(tmp_path / "missing.pth"))
 
 
+class Payload:
+    """What a malicious weights file pickles: code that would run on an unrestricted torch.load."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_pickled_code_as_weights_is_refused_in_one_line(tmp_path, capsys):
+    torch.save({"conv1.weight": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError) as caught:
+        build_encoder(load_preset("demo"), weights=str(tmp_path / "evil.pth"))
+    assert str(caught.value) == (f"{tmp_path / 'evil.pth'}: `--weights FILE` is not a plain state dict; "
+                                 "refusing to unpickle code")
+    assert "this ran" not in capsys.readouterr().out
+
+
 def test_imagenet_offline_fails_fast_naming_weights_path(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # empty cache
     monkeypatch.setattr(model_module, "_reachable", lambda url, timeout: False)
