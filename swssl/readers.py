@@ -13,16 +13,11 @@ or zero-filled. Sizes are checked from the header, before anything is allocated 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 
-import contextlib
-import logging
 import operator
 import os
-import re
 import stat
 import struct
-import threading
 import zlib
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -30,6 +25,8 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 
 from swssl.errors import ConfigError, ImageReadError
+from swssl.integrity import (END_MARKERS, TIFF_CODESTREAMS, PydicomWarnings, ShortReads, codestream_size,
+                             ends_with_marker, png_missing, read_at, segment_bytes, strict_pillow)
 
 if TYPE_CHECKING:
     import pydicom
@@ -43,14 +40,6 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, the weights Pillow itself uses fo
 _BAND_PIXELS = 1 << 24  # the min..max scan of a frame reads bands of about this many pixels
 _SPECIAL_FILES = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
                   (stat.S_ISSOCK, "socket"))
-_END_MARKERS = {"JPEG": "EOI", "JPEG-LS": "EOI", "JPEG 2000": "EOC"}  # all three are the bytes FF D9
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # JPEG frame headers, and JPEG-LS's SOF55
-_TIFF_CODESTREAMS = {7: "JPEG", 34892: "JPEG", 33003: "JPEG 2000", 33004: "JPEG 2000", 33005: "JPEG 2000",
-                     34712: "JPEG 2000"}  # TIFF compression codes whose strips/tiles are such codestreams
-_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by PNG colour type
-_DAMAGE = re.compile(r"truncat|corrupt|premature|insufficient|fewer|no JPEG EOI|too short|not enough", re.I)
-_PILLOW_LOCK = threading.Lock()
 
 
 def _one_line(text: str) -> str:
@@ -97,128 +86,6 @@ def _gray(raw: np.ndarray) -> np.ndarray:
         return gray
     plane = raw[..., 0] if raw.ndim == 3 else raw
     return plane if plane.dtype == ftype else plane.astype(ftype)
-
-
-def _read_at(fh: IO[bytes], offset: int, size: int) -> bytes:
-    fh.seek(offset)
-    return fh.read(size)
-
-
-def _ends_with_marker(tail: bytes) -> bool:
-    """Whether a JPEG/JPEG-LS (EOI) or JPEG 2000 (EOC) codestream ends with its end marker, FF D9.
-
-    Zero bytes after it, or one 0xFF, are padding (DICOM fragments have even lengths).
-    """
-    tail = tail.rstrip(b"\0")
-    return tail.endswith(b"\xff\xd9") or tail.endswith(b"\xff\xd9\xff")
-
-
-def _codestream_size(head: bytes) -> tuple[int, int] | None:
-    """(rows, columns) from the frame header of a JPEG/JPEG-LS (SOF) or JPEG 2000 (SIZ) codestream's head."""
-    if head[:2] != b"\xff\xd8":
-        at = head.find(b"\xff\x4f\xff\x51")  # SOC then SIZ; also found inside a JP2 wrapper
-        if at < 0 or len(head) < at + 24:
-            return None
-        width, height, x0, y0 = struct.unpack(">4I", head[at + 8 : at + 24])
-        return height - y0, width - x0
-    at = 2  # after SOI: marker segments up to the frame header
-    while at + 9 <= len(head) and head[at] == 0xFF:
-        if head[at + 1] in _SOF:
-            rows, columns = struct.unpack(">HH", head[at + 5 : at + 9])
-            return (rows, columns) if rows else None  # 0 rows: a DNL marker gives them later
-        at += 1 if head[at + 1] == 0xFF else 2 + int.from_bytes(head[at + 2 : at + 4], "big")  # fill byte or segment
-    return None
-
-
-def _png_missing(path: Path) -> tuple[int, int] | None:
-    """(bytes, needed) when the IDAT stream inflates to fewer scanline bytes than the IHDR declares.
-
-    Pillow zero-fills the rows of a zlib stream that ends early, so the stream is inflated here once
-    more, counting bytes only, in bounded pieces (whatever a chunk's length field claims).
-    """
-    with open(path, "rb") as fh:
-        width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", _read_at(fh, 16, 13))
-        bits = depth * _PNG_CHANNELS[colour]
-        needed = sum(-(-(height - y0) // dy) * (1 + (-(-(width - x0) // dx) * bits + 7) // 8)
-                     for y0, x0, dy, dx in (_ADAM7 if interlace else ((0, 0, 1, 1),)) if height > y0 and width > x0)
-        inflate, got = zlib.decompressobj(), 0
-        fh.seek(33)  # after the IHDR chunk
-        while got < needed and len(chunk := fh.read(8)) == 8:
-            length, kind = struct.unpack(">I4s", chunk)
-            if kind == b"IEND":
-                break
-            if kind != b"IDAT":
-                fh.seek(length + 4, os.SEEK_CUR)
-                continue
-            end = fh.tell() + length
-            while got < needed and (data := fh.read(min(end - fh.tell(), 1 << 20))):
-                while got < needed:
-                    piece = inflate.decompress(data, 1 << 24)
-                    got, data = got + len(piece), inflate.unconsumed_tail
-                    if not data and len(piece) < 1 << 24:  # a full piece may leave output inside zlib
-                        break
-            fh.seek(end + 4)  # past the CRC
-    return (got, needed) if got < needed else None
-
-
-@contextlib.contextmanager
-def _strict_pillow() -> Iterator[None]:
-    """Pillow's process-wide switches for one open and load: no decompression-bomb check (the pixel
-    limit, checked from the header, replaces it) and no loading of truncated images. Set and
-    restored under a lock, so that concurrent opens cannot leave them changed."""
-    from PIL import Image, ImageFile
-
-    with _PILLOW_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
-
-
-class _ShortReads:
-    """A binary file that notes the first read that came back short: where pydicom's parser, which
-    stops quietly at the end of the file, hit it. An empty 8-byte read (the next tag after the last
-    element of a whole file) is the normal end of a file without pixel data."""
-
-    def __init__(self, fh: IO[bytes]):
-        self._fh = fh
-        self.cut: tuple[int, int, int] | None = None  # (position, bytes asked, bytes got)
-
-    def read(self, size: int = -1) -> bytes:
-        at = self._fh.tell()
-        data = self._fh.read(size)
-        if self.cut is None and 0 <= size != len(data) and (len(data) > 0 or size != 8):
-            self.cut = (at, size, len(data))
-        return data
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._fh, name)
-
-
-class _PydicomWarnings(logging.Handler):
-    """pydicom's warnings about damaged data, given on this thread while it decodes.
-
-    pydicom logs each warning to its "pydicom" logger too; a handler there, keeping this thread's
-    records only, is safe where warnings.catch_warnings is not: frames are decoded on the streaming
-    code's prefetch thread while the main thread runs on.
-    """
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self._thread, self.damage = threading.get_ident(), []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self._thread and _DAMAGE.search(message := record.getMessage()):
-            self.damage.append(message)
-
-    def __enter__(self) -> _PydicomWarnings:
-        logging.getLogger("pydicom").addHandler(self)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        logging.getLogger("pydicom").removeHandler(self)
 
 
 class ImageReader(ABC):
@@ -374,11 +241,11 @@ class _PillowReader(_ArrayReader):
         from PIL import Image
 
         super().__init__(path, intensity, max_pixels)
-        with _strict_pillow(), Image.open(path) as image:
+        with strict_pillow(), Image.open(path) as image:
             self._limit(image.height, image.width)
             if image.format == "PNG":
                 try:
-                    missing = _png_missing(path)
+                    missing = png_missing(path)
                 except zlib.error as exc:
                     raise ImageReadError(path, f"corrupt PNG data ({_reason(exc)})") from None
                 if missing:
@@ -434,20 +301,6 @@ class _NpyReader(_ArrayReader):
         self._set_array(array if stacked else array[None])
 
 
-def _segment_bytes(page: tifffile.TiffPage, count: int) -> np.ndarray:
-    """The bytes each of the `count` uncompressed strips or tiles of `page` must hold.
-
-    Tiles are whole; the last strip of each plane holds only the rows left.
-    """
-    bits = page.bitspersample * (page.samplesperpixel if page.planarconfig == 1 else 1)
-    if page.is_tiled:
-        return np.full(count, page.tiledepth * page.tilelength * (-(-page.tilewidth * bits // 8)), np.int64)
-    rows = min(page.rowsperstrip, page.imagelength)
-    per_plane = -(-page.imagelength // rows)
-    left = page.imagelength - np.arange(count, dtype=np.int64) % per_plane * rows
-    return np.minimum(rows, left) * (-(-page.imagewidth * bits // 8))
-
-
 class _TiffReader(ImageReader):
     """TIFF/BigTIFF/SVS/OME, tiled or striped, through zarr so a region reads only its tiles.
 
@@ -497,20 +350,20 @@ class _TiffReader(ImageReader):
                 key, counts = page.keyframe, np.asarray(page.databytecounts, np.int64)
                 segment = "tile" if key.is_tiled else "strip"
                 if key.compression == 1 and key.photometric != 6:  # uncompressed, not subsampled YCbCr
-                    needed = _segment_bytes(key, len(counts))
+                    needed = segment_bytes(key, len(counts))
                     short = np.flatnonzero((counts > 0) & (counts < needed))  # 0 bytes: a tile left empty
                     if short.size:
                         i = int(short[0])
                         raise ImageReadError(self.path, f"truncated TIFF: {segment} {i} of page {page.index} holds "
                                                         f"{counts[i]} bytes, the image needs {needed[i]}")
-                codec = _TIFF_CODESTREAMS.get(int(key.compression))
+                codec = TIFF_CODESTREAMS.get(int(key.compression))
                 if codec is None:
                     continue
                 for i, (offset, count) in enumerate(zip(page.dataoffsets, counts)):
-                    if count and not _ends_with_marker(_read_at(fh, offset + max(0, count - 64), min(count, 64))):
+                    if count and not ends_with_marker(read_at(fh, offset + max(0, count - 64), min(count, 64))):
                         raise ImageReadError(self.path, f"corrupt or truncated {codec} data in {segment} {i} of page "
                                                         f"{page.index} (the codestream does not end with its "
-                                                        f"{_END_MARKERS[codec]} marker)")
+                                                        f"{END_MARKERS[codec]} marker)")
 
     def _raw(self, y: int, x: int, h: int, w: int, frame: int) -> np.ndarray:
         index = iter(np.unravel_index(frame, self._frame_dims))  # this frame's place on the other axes
@@ -600,7 +453,7 @@ class _DicomReader(ImageReader):
         from pydicom.dataelem import RawDataElement
         from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
-        watched = _ShortReads(fh)
+        watched = ShortReads(fh)
         try:
             ds = pydicom.dcmread(watched, stop_before_pixels=True, force=True, defer_size=1 << 20)
         except Exception:
@@ -632,7 +485,7 @@ class _DicomReader(ImageReader):
         """(offset, length) of each fragment of the encapsulated pixel data (the offset table left out),
         after checking that each is whole and that there is one for every frame at least."""
         items = []
-        while len(item := _read_at(fh, at, 8)) == 8:
+        while len(item := read_at(fh, at, 8)) == 8:
             group, element, length = struct.unpack("<HHI", item)
             if (group, element) == (0xFFFE, 0xE0DD):  # the sequence delimiter
                 break
@@ -658,7 +511,7 @@ class _DicomReader(ImageReader):
         without a complaint, padding them), or one of another size than the header's (which pydicom
         would reshape into garbage). Checked where the frame's fragments are known: one fragment per
         frame, or the first and last fragment of the first and last frame."""
-        marker, count = _END_MARKERS.get(self._codec), len(self._fragments)
+        marker, count = END_MARKERS.get(self._codec), len(self._fragments)
         if marker is None:
             return
         first = frame if count == self.frames else 0 if frame == 0 else None
@@ -666,12 +519,12 @@ class _DicomReader(ImageReader):
         with open(self.path, "rb") as fh:
             if last is not None:
                 at, length = self._fragments[last]
-                if not _ends_with_marker(_read_at(fh, at + max(0, length - 64), min(length, 64))):
+                if not ends_with_marker(read_at(fh, at + max(0, length - 64), min(length, 64))):
                     raise ImageReadError(self.path, f"corrupt or truncated {self._codec} data in frame {frame} "
                                                     f"(the codestream does not end with its {marker} marker)")
             if first is not None:
                 at, length = self._fragments[first]
-                size = _codestream_size(_read_at(fh, at, min(length, 1 << 16)))
+                size = codestream_size(read_at(fh, at, min(length, 1 << 16)))
                 if size is not None and size != self.shape:
                     raise ImageReadError(self.path, f"corrupt {self._codec} data in frame {frame} (its codestream "
                                                     f"is {size[0]} x {size[1]} px, the DICOM header says "
@@ -683,7 +536,7 @@ class _DicomReader(ImageReader):
 
         self._check_codestream(frame)
         problem = f"corrupt or truncated {self._codec} data in frame {frame}"
-        with _PydicomWarnings() as warned:
+        with PydicomWarnings() as warned:
             try:
                 pixels = pixel_array(os.fspath(self.path), index=frame)
             except BaseException as exc:
