@@ -15,8 +15,9 @@ import torch
 from swssl.bench.memory import PeakMemory
 from swssl.bench.timing import measure
 from swssl.bench.workload import Run
+from swssl.run import open_run
 
-# Backend kinds as the bench names them -> the kind load_backend / load_model take.
+# Backend kinds as the bench names them -> the kind load_backend / open_run take.
 TORCH_KINDS = ("torch", "torch-compiled")
 
 
@@ -119,31 +120,6 @@ def official_way(encoder: torch.nn.Module, image: np.ndarray, config: Any, devic
             **timing.to_dict(), **peak.to_dict()}
 
 
-def load_runner_model(run: Run, kind: str, precision: str, device: torch.device,
-                      mode: str = "exact") -> tuple[Any, str | None]:
-    """`swssl.infer.load_model` (what swssl-infer does), and a note when it could not be used as it is.
-
-    load_model derives the weights digest from a torch backend's own encoder, which fails once the
-    backend has cast it to fp16/bf16; for such paths the same LoadedModel is assembled here from the
-    same parts (load_backend, the run's memory bank, the checkpoint's digest), and the note says so.
-    """
-    from swssl import infer
-
-    try:
-        return infer.load_model(run.folder, kind, device, precision, mode), None
-    except Exception as exc:
-        if kind not in TORCH_KINDS or precision == "fp32":
-            raise
-        from swssl.backends import load_backend
-        from swssl.bank import MemoryBank
-
-        backend, config = load_backend(run.folder, kind, device, precision, mode)
-        bank = MemoryBank.load(run.folder, config=config, encoder_digest=run.digest)
-        note = (f"swssl.infer.load_model failed for {kind} {precision} ({type(exc).__name__}: {exc}); "
-                "the runner got the same backend and bank assembled by the bench")
-        return infer.LoadedModel(backend, config, bank, run.digest, run.folder, run.folder), note
-
-
 def end_to_end(run: Run, slides: list[Path], kind: str, precision: str, device: torch.device, batch: int,
                out: Path, mode: str = "exact") -> dict[str, Any]:
     """swssl-infer's runner (`run_inference`, the run's resize geometry, aligned scorer) over `slides`, after
@@ -152,7 +128,7 @@ def end_to_end(run: Run, slides: list[Path], kind: str, precision: str, device: 
     from swssl.infer import choose_settings, read_results, run_inference
 
     started = time.perf_counter()
-    model, note = load_runner_model(run, kind, precision, device, mode)
+    model = open_run(run.folder, kind, device, precision, mode)
     load_seconds = time.perf_counter() - started
     settings = choose_settings(model.config, None, None, None, batch, False)
     quiet = lambda text: None  # noqa: E731
@@ -163,8 +139,7 @@ def end_to_end(run: Run, slides: list[Path], kind: str, precision: str, device: 
         wall = time.perf_counter() - started
     return {"backend": getattr(model.backend, "name", kind), "load_seconds": load_seconds, "wall_seconds": wall,
             **_slide_stats(read_results(out / "timed"), wall), "failures": [list(f) for f in summary.failures],
-            "scorer": settings.scorer_name, "geometry": settings.geometry, "batch": batch, **peak.to_dict(),
-            **({"note": note} if note else {})}
+            "scorer": settings.scorer_name, "geometry": settings.geometry, "batch": batch, **peak.to_dict()}
 
 
 def native_slide(run: Run, slide: Path, kind: str, precision: str, device: torch.device, batch: int,
@@ -172,7 +147,7 @@ def native_slide(run: Run, slide: Path, kind: str, precision: str, device: torch
     """One large slide through the runner's native streaming path (scale 1, global scorer, background skipped)."""
     from swssl.infer import choose_settings, read_results, run_inference
 
-    model, _ = load_runner_model(run, kind, precision, device, mode)
+    model = open_run(run.folder, kind, device, precision, mode)
     settings = choose_settings(model.config, None, None, 1.0, batch, False)
     with PeakMemory(device) as peak:
         started = time.perf_counter()

@@ -29,13 +29,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from swssl.checkpoint import load_encoder, weights_digest
+from swssl.checkpoint import BEST, CHECKPOINT, load_encoder, weights_digest
 from swssl.config import TRUNK_STRIDE, Config
 from swssl.device import parse_device
 from swssl.errors import SwsslError
@@ -334,9 +335,28 @@ class AotiBackend(ArtifactBackend):
         return (out[0] if isinstance(out, (list, tuple)) else out).float()
 
 
+@dataclass
+class Opened:
+    """A backend with what it was opened from: the configuration its inputs need, the run it came from
+    (None for an artifact whose run is not found) and the fp32 weights digest (computed once)."""
+
+    backend: Backend
+    config: Config
+    run_dir: Path | None
+    digest: str | None
+
+
 def load_backend(model: str | Path, kind: str = "auto", device: str | torch.device = "cpu",
                  precision: str | None = None, mode: str | None = None) -> tuple[Backend, Config]:
-    """The backend for a run directory or artifact file, and the configuration its inputs need.
+    """The backend for a run directory or artifact file, and the configuration its inputs need
+    (`open_backend` without the run and digest)."""
+    opened = open_backend(model, kind, device, precision, mode)
+    return opened.backend, opened.config
+
+
+def open_backend(model: str | Path, kind: str = "auto", device: str | torch.device = "cpu",
+                 precision: str | None = None, mode: str | None = None) -> Opened:
+    """The backend for a run directory or artifact file, its configuration, run and weights digest.
 
     `kind`: auto | torch | torch-compiled | onnxruntime | tensorrt | aoti. `precision` restricts
     the exports considered (auto never picks int8 unless asked). `mode` (exact | dense; None: the
@@ -356,20 +376,20 @@ def load_backend(model: str | Path, kind: str = "auto", device: str | torch.devi
 
 
 def _from_run(run: Path, kind: str, device: torch.device, precision: str | None,
-              mode: str | None) -> tuple[Backend, Config]:
+              mode: str | None) -> Opened:
     from swssl.export.errors import ArtifactMismatch
     from swssl.export.manifest import check_manifest
 
     encoder, config = load_encoder(run)
     config = config.with_mode(mode)
+    digest = weights_digest(encoder)  # of the fp32 weights, before a torch backend casts them
     torch_precision = precision if precision in DTYPES else "fp32"
     if kind in ("torch", "torch-compiled"):
         if precision is not None and precision not in DTYPES:
             raise BackendError(f"the torch backend runs fp32, fp16 or bf16, not {precision} (int8 needs a TensorRT engine)")
         backend = TorchBackend(encoder, device, compile=kind == "torch-compiled", precision=torch_precision)
         backend.reason = f"{backend.name}: asked for; the run's checkpoint on {device} ({torch_precision})"
-        return backend, config
-    digest = weights_digest(encoder)
+        return Opened(backend, config, run, digest)
     manifests, notes = _run_manifests(run)
     wanted = AUTO_ORDER.get(device.type, AUTO_ORDER["cpu"]) if kind == "auto" else (kind,)
     for candidate in wanted:
@@ -377,7 +397,7 @@ def _from_run(run: Path, kind: str, device: torch.device, precision: str | None,
             backend = TorchBackend(encoder, device, precision=torch_precision)
             backend.reason = (f"auto chose torch (eager, {torch_precision})"
                               + (f"; passed over {'; '.join(notes)}" if notes else ""))
-            return backend, config
+            return Opened(backend, config, run, digest)
         usable = _runtime_problem(candidate, device)
         if usable is not None:
             if kind != "auto":
@@ -406,7 +426,7 @@ def _from_run(run: Path, kind: str, device: torch.device, precision: str | None,
             lead = "auto chose" if kind == "auto" else "asked for"
             backend.reason = (f"{lead} {backend.name} ({backend.artifact}, {backend.precision}, {device})"
                               + (f"; passed over {'; '.join(notes)}" if notes else ""))
-            return backend, config
+            return Opened(backend, config, run, digest)
     raise BackendError(f"{run}: no usable {kind} backend ({'; '.join(notes)})")
 
 
@@ -487,8 +507,7 @@ def _open(kind: str, manifest: dict[str, Any], device: torch.device) -> Backend:
     return backend
 
 
-def _from_file(path: Path, kind: str, device: torch.device, mode: str | None) -> tuple[Backend, Config]:
-    from swssl.checkpoint import BEST, CHECKPOINT
+def _from_file(path: Path, kind: str, device: torch.device, mode: str | None) -> Opened:
     from swssl.export.manifest import check_manifest, manifest_mode, read_manifest
 
     file_kind = SUFFIX_KIND.get(path.suffix.lower())
@@ -498,13 +517,14 @@ def _from_file(path: Path, kind: str, device: torch.device, mode: str | None) ->
         raise BackendError(f"{path}: a {file_kind} file cannot run on the {kind} backend")
     if file_kind == "torch":
         encoder, config = load_encoder(path)
+        digest = weights_digest(encoder)
         backend = TorchBackend(encoder, device, compile=kind == "torch-compiled")
         backend.reason = f"{backend.name}: checkpoint {path} on {device}"
-        return backend, config.with_mode(mode)
+        return Opened(backend, config.with_mode(mode), path.parent, digest)
     manifest = read_manifest(path)
     if manifest.get("artifact") != path.name:
         raise BackendError(f"{path}: the manifest beside it describes {manifest.get('artifact')!r}, not this file")
-    run = _source_run(path, manifest, (BEST, CHECKPOINT))
+    run = source_run(path, manifest)
     digest = None
     config = Config.from_dict(manifest["config"])  # without its run, the artifact's own (checked for the mode)
     if run is not None:
@@ -517,16 +537,19 @@ def _from_file(path: Path, kind: str, device: torch.device, mode: str | None) ->
     backend.reason = (f"{backend.name} from {path} ({backend.precision}, {device})"
                       + ("" if run is not None else "; its run's checkpoint was not found, so the weights "
                                                     "digest was not checked (the file's sha256 was)"))
-    return backend, config
+    return Opened(backend, config, run, digest or (manifest.get("source") or {}).get("weights_digest"))
 
 
-def _source_run(path: Path, manifest: dict[str, Any], checkpoints: tuple[str, ...]) -> Path | None:
-    """The run an artifact came from: RUN_DIR/export/<name>/<file> by position, else the manifest's record."""
+def source_run(path: Path, manifest: dict[str, Any]) -> Path | None:
+    """The run an artifact came from: the folder above the `export/` folder it lies in
+    (RUN_DIR/export/<name>/<file>), else the run the manifest records (an export written with
+    --out elsewhere); None when neither holds a checkpoint."""
+
     folder = path.resolve().parent
-    candidates = [folder.parent.parent] if folder.parent.name == "export" else []
-    if manifest.get("source", {}).get("run_dir"):
+    candidates = [parent.parent for parent in (folder, *folder.parents) if parent.name == "export"][:1]
+    if (manifest.get("source") or {}).get("run_dir"):
         candidates.append(Path(manifest["source"]["run_dir"]))
     for run in candidates:
-        if any((run / name).is_file() for name in checkpoints):
+        if any((run / name).is_file() for name in (BEST, CHECKPOINT)):
             return run
     return None

@@ -246,12 +246,13 @@ def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device
     """
     from swssl.device import parse_device
     from swssl.evaluate import default_scorer_options
-    from swssl.infer import choose_settings, format_summary, load_model, run_inference
+    from swssl.infer import choose_settings, format_summary, run_inference
+    from swssl.run import open_run
     from swssl.stream import scale_factor
 
     if scale is not None:
         scale_factor(scale)  # refuse a bad factor or device before loading anything
-    loaded = load_model(model, kind, parse_device(device), precision, mode)
+    loaded = open_run(model, kind, parse_device(device), precision, mode)
     options = default_scorer_options(["aligned", "global", "reference"], radius, k, coreset, top)
     settings = choose_settings(loaded.config, scorer, options, scale, batch_size, heatmaps, max_pixels=max_pixels)
     summary = run_inference(slides, loaded, out_dir, settings, resume=resume, progress=not quiet)

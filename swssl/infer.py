@@ -36,74 +36,13 @@ import numpy as np
 import torch
 
 from swssl import readers
-from swssl.bank import MemoryBank
 from swssl.config import Config
 from swssl.errors import ConfigError, ImageReadError, OutputError, SwsslError
 from swssl.files import FolderLock
 from swssl.names import for_terminal, readable
 from swssl.results import HEATMAPS, SCORES_CSV, VOLUME, ResultLog, read_results
+from swssl.run import OpenRun
 
-
-
-# --- the model ---------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedModel:
-    backend: Any  # backend(windows N x 1 x P x P on backend.device) -> N x D; .name, .device
-    config: Config
-    bank: MemoryBank
-    digest: str
-    run_dir: Path
-    source: Path
-
-
-def run_directory(model: str | Path) -> Path:
-    """The run directory of `--model`: itself when a folder; for an artifact file, the folder above
-    its `export/` folder (RUN_DIR/export/.../model.onnx), else the folder holding the file."""
-    model = Path(model)
-    if model.is_dir():
-        return model
-    for parent in model.parents:
-        if parent.name == "export":
-            return parent.parent
-    return model.parent
-
-
-def load_model(model: str | Path, kind: str = "auto", device: str | torch.device = "auto",
-               precision: str | None = None, mode: str | None = None) -> LoadedModel:
-    """Backend, configuration and memory bank of a run directory or artifact, checked against each other.
-
-    `mode` (exact | dense) overrides the run's geometry mode: the backend, artifact and bank are
-    then those of that mode."""
-    from swssl.backends import load_backend
-
-    model = Path(model)
-    if not model.exists():
-        raise ConfigError(f"{model}: no such run directory or artifact")
-    backend, config = load_backend(model, kind, device, precision, mode)
-    run_dir = run_directory(model)
-    digest = _encoder_digest(backend, run_dir)
-    bank = MemoryBank.load(run_dir, config=config, encoder_digest=digest)
-    return LoadedModel(backend, config, bank, digest, run_dir, model)
-
-
-def _encoder_digest(backend: Any, run_dir: Path) -> str:
-    """The weight digest of the encoder behind `backend`: from its artifact's manifest, else from
-    the encoder it wraps, else from the run's checkpoint."""
-    manifest = getattr(backend, "manifest", None)
-    if isinstance(manifest, dict):
-        value = (manifest.get("source") or {}).get("weights_digest")
-        if isinstance(value, str) and value:
-            return value
-    from swssl.checkpoint import load_encoder, weights_digest
-    from swssl.model import PatchEncoder
-
-    encoder = getattr(backend, "encoder", None)
-    # A backend cast to fp16/bf16 no longer holds the fp32 weights the bank was built from.
-    if isinstance(encoder, PatchEncoder) and all(p.dtype == torch.float32 for p in encoder.parameters()):
-        return weights_digest(encoder)
-    return weights_digest(load_encoder(run_dir)[0])
 
 
 # --- slides ------------------------------------------------------------------------------------
@@ -223,7 +162,7 @@ class Settings:
     max_pixels: int | None = readers.DEFAULT_MAX_PIXELS  # per frame; larger files are refused at open
 
 
-def score_frame(reader: readers.ImageReader, frame: int, model: LoadedModel, scorer: Any, settings: Settings,
+def score_frame(reader: readers.ImageReader, frame: int, model: OpenRun, scorer: Any, settings: Settings,
                 progress: Callable[[int], None] | None = None) -> FrameScore:
     """Score one frame in the settings' geometry."""
     from swssl.report import MAX_OVERLAY_SIDE
@@ -354,7 +293,7 @@ def choose_settings(config: Config, scorer: str | None, scorer_options: dict[str
     return Settings(geometry, scale, name, dict(options), batch_size, heatmaps, prefetch, max_pixels)
 
 
-def run_inference(slides: Sequence[str | Path], model: LoadedModel, out_dir: str | Path, settings: Settings,
+def run_inference(slides: Sequence[str | Path], model: OpenRun, out_dir: str | Path, settings: Settings,
                   resume: bool = False, progress: bool = True,
                   echo: Callable[[str], None] | None = None) -> RunSummary:
     """Score every slide; see the module docstring for what is written where and when."""
@@ -439,7 +378,7 @@ def _finish_outputs(log: ResultLog, out_dir: Path, header: dict[str, Any], summa
                 summary.gallery = path
 
 
-def _score_file(key: str, reader: readers.ImageReader, model: LoadedModel, scorer: Any, settings: Settings,
+def _score_file(key: str, reader: readers.ImageReader, model: OpenRun, scorer: Any, settings: Settings,
                 log: ResultLog, summary: RunSummary, bar: Any, common: dict[str, Any], record_error) -> None:
     frames = reader.frames
     finished = log.finished

@@ -356,13 +356,33 @@ def test_find_slides(tmp_path):
         ("nope.png", "file not found"), ("*.jpg", "no supported image matches this pattern")]
 
 
-def test_run_directory_of_an_artifact(tmp_path):
+def test_the_run_of_an_artifact(tmp_path):
+    from swssl.backends import source_run
+
     run = tmp_path / "run"
     (run / "export" / "onnx").mkdir(parents=True)
-    assert infer.run_directory(run) == run
-    assert infer.run_directory(run / "export" / "onnx" / "model.onnx") == run
-    assert infer.run_directory(run / "export" / "model.pt2") == run
-    assert infer.run_directory(run / "best.pt") == run
+    (run / "checkpoint.pt").write_bytes(b"")
+    elsewhere = tmp_path / "elsewhere" / "onnx" / "model.onnx"
+    assert source_run(run / "export" / "onnx" / "model.onnx", {}) == run
+    assert source_run(run / "export" / "model.pt2", {}) == run
+    assert source_run(elsewhere, {"source": {"run_dir": str(run)}}) == run  # exported with --out
+    assert source_run(elsewhere, {"source": {"run_dir": str(tmp_path / "gone")}}) is None
+
+
+def test_an_artifact_exported_elsewhere_scores_with_its_runs_bank(evaluated, tmp_path):
+    """swssl-export --out DIR writes the artifact outside the run; --model DIR/onnx/model.onnx finds the
+    run (and its bank) through the manifest and scores as the run directory itself does."""
+    from swssl.export.cli import export
+
+    root, run, _ = evaluated
+    made = CliRunner().invoke(export, [str(run), "--onnx", "--out", str(tmp_path / "elsewhere")])
+    assert made.exit_code == 0, made.output
+    artifact = tmp_path / "elsewhere" / "onnx" / "model.onnx"
+    slide = root / "test-1.png"
+    for model, out in ((artifact, tmp_path / "a"), (run, tmp_path / "b")):
+        result = invoke(slide, "--model", model, "--out", out, "--backend", "onnxruntime")
+        assert result.exit_code == 0, result.output
+    assert rows_of(tmp_path / "a")[0]["score"] == rows_of(tmp_path / "b")[0]["score"]
 
 
 def test_gallery_is_sorted_escaped_and_relative(tmp_path):
