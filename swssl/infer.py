@@ -22,100 +22,34 @@ Names reach the terminal escaped (swssl.names).
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from tqdm import tqdm
+
 from swssl import readers
 from swssl.config import Config
+from swssl.datasets import resize_frame
+from swssl.embed import embed_image
 from swssl.errors import ConfigError, ImageReadError, OutputError, SwsslError
 from swssl.files import FolderLock
+from swssl.gallery import write_gallery
+from swssl.geometry import grid
+from swssl.heatmaps import heatmap_name, write_heatmap
 from swssl.names import for_terminal, readable
-from swssl.results import HEATMAPS, SCORES_CSV, VOLUME, ResultLog, read_results
+from swssl.report import MAX_OVERLAY_SIDE
+from swssl.results import SCORES_CSV, VOLUME, ResultLog, read_results
 from swssl.run import OpenRun
-
-
-
-# --- slides ------------------------------------------------------------------------------------
-
-
-def _is_image_file(path: Path) -> bool:
-    """A file a folder or glob contributes: a supported suffix, or DICOM by its magic under any name."""
-    if path.name.startswith(".") or not path.is_file():
-        return False
-    if path.suffix.lower() in readers.SUPPORTED_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
-def _folder_images(folder: Path, exclude: str | None = None) -> list[Path]:
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and os.path.abspath(os.path.join(root, d)) != exclude)
-        found += [Path(root) / name for name in sorted(files) if _is_image_file(Path(root) / name)]
-    return found
-
-
-def find_slides(arguments: Iterable[str | Path], exclude: str | Path | None = None,
-                ) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files to score, in order, without duplicates; and (argument, problem) for arguments that give none.
-
-    A file named on the command line is always tried (an unsupported one becomes an error row);
-    folders are searched recursively and globs expanded, keeping only supported images (by suffix,
-    or DICOM by its magic bytes whatever the name) and skipping hidden files and the folder
-    `exclude` (the output folder, whose overlays are no slides).
-    """
-    exclude = None if exclude is None else os.path.abspath(exclude)
-    files: list[Path] = []
-    problems: list[tuple[str, str]] = []
-    seen: set[str] = set()
-
-    def add(path: Path) -> None:
-        key = os.path.abspath(path)
-        if key not in seen:
-            seen.add(key)
-            files.append(Path(key))
-
-    for argument in arguments:
-        text = os.path.expanduser(str(argument))
-        path = Path(text)
-        if path.is_dir():
-            found = _folder_images(path, exclude)
-            if not found:
-                problems.append((str(argument), "folder holds no supported image "
-                                 f"({', '.join(sorted(readers.SUPPORTED_SUFFIXES))} or DICOM)"))
-            for item in found:
-                add(item)
-        elif path.exists():
-            add(path)
-        elif glob.has_magic(text):
-            matches = sorted(glob.glob(text, recursive=True))
-            found = []
-            for match in map(Path, matches):
-                if exclude is not None and os.path.abspath(match).startswith(exclude + os.sep):
-                    continue
-                found += _folder_images(match, exclude) if match.is_dir() else [match] if _is_image_file(match) else []
-            if not found:
-                problems.append((str(argument), "no supported image matches this pattern"))
-            for item in found:
-                add(item)
-        else:
-            problems.append((str(argument), "file not found"))
-    return files, problems
+from swssl.scorers import build_scorer
+from swssl.slides import find_slides
+from swssl.stream import scale_factor, score_native
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -165,15 +99,9 @@ class Settings:
 def score_frame(reader: readers.ImageReader, frame: int, model: OpenRun, scorer: Any, settings: Settings,
                 progress: Callable[[int], None] | None = None) -> FrameScore:
     """Score one frame in the settings' geometry."""
-    from swssl.report import MAX_OVERLAY_SIDE
-
     config, backend = model.config, model.backend
     height, width = reader.shape
     if settings.geometry == "resize":
-        from swssl.datasets import resize_frame
-        from swssl.embed import embed_image
-        from swssl.geometry import grid
-
         g = config.geometry
         image = resize_frame(reader, frame, g.height, g.width)  # = datasets.load_resized
         embeddings, foreground = embed_image(backend, image, config, settings.batch_size, backend.device)
@@ -184,8 +112,6 @@ def score_frame(reader: readers.ImageReader, frame: int, model: OpenRun, scorer:
         return FrameScore(result.score, maps, scored, foreground.numel() - scored, (len(rows), len(cols)),
                           image if settings.heatmaps else None, rows, cols, g.patch,
                           (height / g.height, width / g.width))
-    from swssl.stream import score_native
-
     bank_grid = tuple(model.bank.foreground.shape[1:])
     native = score_native(reader, frame, backend, scorer, config, scale=settings.scale,
                           batch_size=settings.batch_size, device=backend.device, prefetch=settings.prefetch,
@@ -208,46 +134,6 @@ def _top_window(result: FrameScore, shape: tuple[int, int]) -> dict[str, int] | 
     y, x = round(result.rows[r] * sy), round(result.cols[c] * sx)
     return {"y": y, "x": x, "height": min(round(result.patch * sy), shape[0] - y),
             "width": min(round(result.patch * sx), shape[1] - x)}
-
-
-def _heatmap_name(path: str, frame: int, frames: int) -> str:
-    from swssl.report import _safe_name
-
-    digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    name = f"{_safe_name(Path(path).stem)[:60]}-{digest}"
-    return name if frames == 1 else f"{name}-f{frame}"
-
-
-def write_heatmap(out_dir: Path, name: str, result: FrameScore, caption: str) -> dict[str, str]:
-    """heatmaps/<name>.npy (the window-score map) and heatmaps/<name>.png (overlay); relative paths."""
-    from swssl.checkpoint import atomic_write
-    from swssl.metrics import pixel_map
-    from swssl.report import save_overlay
-
-    written: dict[str, str] = {}
-    if result.window_scores is None:
-        return written
-    folder = out_dir / HEATMAPS
-    maps = result.window_scores
-
-    def save_npy(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.save(handle, maps)
-
-    atomic_write(folder / f"{name}.npy", save_npy)
-    written["score_map"] = f"{HEATMAPS}/{name}.npy"
-    if result.image is not None:
-        image = result.image
-        patch = max(1, round(result.patch))
-        rows = np.minimum(np.floor(result.rows).astype(int), image.shape[0] - patch)
-        cols = np.minimum(np.floor(result.cols).astype(int), image.shape[1] - patch)
-        scored = maps[~np.isnan(maps)]
-        low, high = (float(scored.min()), float(scored.max())) if scored.size else (0.0, 1.0)
-        high = high if high > low else low + 1.0
-        heat = pixel_map(maps, rows, cols, patch, image.shape)
-        save_overlay(folder / f"{name}.png", image, heat, low, high, f"{caption}\nheat scale {low:.4g} .. {high:.4g}")
-        written["heatmap"] = f"{HEATMAPS}/{name}.png"
-    return written
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -280,7 +166,6 @@ def choose_settings(config: Config, scorer: str | None, scorer_options: dict[str
                     max_pixels: int | None = readers.DEFAULT_MAX_PIXELS) -> Settings:
     """The geometry (run config, or native when `scale` is given), the scorer (default: aligned for
     resize, global for native) and its options."""
-    from swssl.stream import scale_factor
 
     geometry = "native" if scale is not None else config.geometry.inference
     scale = 1.0 if scale is None else 1.0 / scale_factor(scale)
@@ -297,10 +182,7 @@ def run_inference(slides: Sequence[str | Path], model: OpenRun, out_dir: str | P
                   resume: bool = False, progress: bool = True,
                   echo: Callable[[str], None] | None = None) -> RunSummary:
     """Score every slide; see the module docstring for what is written where and when."""
-    from tqdm import tqdm
 
-    from swssl.gallery import write_gallery
-    from swssl.scorers import build_scorer
 
     out_dir = Path(out_dir)
     files, problems = find_slides(slides, exclude=out_dir)
@@ -440,7 +322,7 @@ def _add_heatmap(record: dict[str, Any], result: FrameScore, key: str, frame: in
     """Write the slide's heatmap files into `record`; one that cannot be written is noted and listed."""
     try:
         caption = f"score {result.score:.4g}\n{readable(Path(key).name)}" + ("" if frames == 1 else f" frame {frame}")
-        record.update(write_heatmap(out_dir, _heatmap_name(key, frame, frames), result, caption))
+        record.update(write_heatmap(out_dir, heatmap_name(key, frame, frames), result, caption))
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # the score stands; say why its picture is missing

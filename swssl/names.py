@@ -33,3 +33,8 @@ def spreadsheet_cell(text: str) -> str:
     text = readable(text)
     return "'" + text if text.startswith(_FORMULA_START) else text
 
+
+
+def safe_name(text: str) -> str:
+    """A file-name stem made of [A-Za-z0-9._-] only (at most 80 characters), for files named after inputs."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80] or "image"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from PIL import Image
 
 from swssl import metrics
 from swssl.files import atomic_write
+from swssl.names import safe_name
 
 MAX_OVERLAY_SIDE = 1024  # px, long side of a heat-map overlay
 OVERLAY_ALPHA = 0.4
@@ -168,7 +168,7 @@ def _plot_overlays(folder: Path, shown: list[ImageResult], rows: np.ndarray, col
     for rank, (result, score_map) in enumerate(zip(shown, maps), start=1):
         caption = (f"#{rank}  score {result.score:.4g}  label {result.label}\n"
                    f"{Path(result.path).name}\nheat scale {low:.4g} .. {high:.4g}")
-        save_overlay(folder / f"{rank:02d}-{_safe_name(Path(result.path).stem)}.png", result.image, score_map,
+        save_overlay(folder / f"{rank:02d}-{safe_name(Path(result.path).stem)}.png", result.image, score_map,
                      low, high, caption, result.mask)
 
 
@@ -202,5 +202,3 @@ def _resize(array: np.ndarray, size: tuple[int, int], resample: Image.Resampling
     return np.asarray(Image.fromarray(np.asarray(array, dtype=np.float32)).resize(size, resample))
 
 
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80] or "image"

@@ -26,6 +26,7 @@ from swssl.datasets import discover, resize_antialiased, select
 from swssl.errors import ConfigError
 from swssl.geometry import grid, window_max
 from swssl.model import build_encoder
+from swssl.slides import find_slides
 
 GEOMETRY = {"height": 128, "width": 96, "patch": 32, "step": 16}
 
@@ -346,7 +347,7 @@ def test_find_slides(tmp_path):
     (tmp_path / "z.npy").write_bytes(b"")
     (tmp_path / "a" / "out" / "heatmaps").mkdir(parents=True)  # the output folder inside the slides' folder
     (tmp_path / "a" / "out" / "heatmaps" / "x-1234.png").write_bytes(b"")
-    files, problems = infer.find_slides([tmp_path / "a", str(tmp_path / "*.npy"), tmp_path / "a" / "x.png",
+    files, problems = find_slides([tmp_path / "a", str(tmp_path / "*.npy"), tmp_path / "a" / "x.png",
                                          tmp_path / "nope.png", str(tmp_path / "*.jpg"),
                                          str(tmp_path / "a" / "**" / "*.png")], exclude=tmp_path / "a" / "out")
     names = [p.name for p in files]
