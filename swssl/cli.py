@@ -208,8 +208,9 @@ def compare(reports: tuple[Path, ...], split: str) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: scores.csv, scores.jsonl, heatmaps/, index.html.")
 @click.option("--backend", "kind", default="auto", show_default=True,
-              type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt", "aoti"]),
-              help="Inference engine; auto picks the fastest usable one for --model.")
+              type=click.Choice(["auto", "torch", "torch-compiled", "onnxruntime", "tensorrt", "aoti"]),
+              help="Inference engine; auto picks the fastest usable one for --model (torch-compiled: the "
+                   "checkpoint through torch.compile).")
 @device_option
 @click.option("--batch", "--batch-size", "batch_size", default=256, show_default=True,
               help="Windows per encoder call.")

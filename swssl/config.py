@@ -17,8 +17,6 @@ from typing import Any
 
 from swssl.errors import ConfigError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Every supported backbone (torchvision ResNets) maps H x W pixels to H/32 x W/32 feature cells.
 TRUNK_STRIDE = 32
 MODES = ("exact", "dense")
