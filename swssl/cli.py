@@ -171,7 +171,7 @@ def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], ra
     from swssl.bank import MemoryBank
     from swssl.checkpoint import load_encoder, weights_digest
     from swssl.datasets import discover, select
-    from swssl.evaluate import default_scorer_options, evaluate as run_evaluation, print_summaries
+    from swssl.evaluate import default_scorer_options, evaluate as run_evaluation, format_summaries
     from swssl.device import parse_device
 
     dev = parse_device(device)
@@ -182,7 +182,7 @@ def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], ra
     options = default_scorer_options(list(dict.fromkeys(scorers)), radius, k, coreset, top)
     out_dir = out_dir or run_dir / ("eval-dense" if config.geometry.mode == "dense" else "eval")
     summaries = run_evaluation(encoder.to(dev), memory, samples, config, options, out_dir, split, dev, batch_size)
-    click.echo(print_summaries(summaries))
+    click.echo(format_summaries(summaries))
     click.echo(f"reports: {out_dir}/{split}-<scorer>/")
 
 

@@ -44,7 +44,7 @@ def validation_auroc(encoder: PatchEncoder, train_samples: list[Sample], val_sam
                      config: Config, scorer: str, device: str | torch.device, batch_size: int = 256) -> float | None:
     """Image AUROC on the val split with a bank of `train_samples` (model selection during training)."""
     encoder.eval()
-    bank = build_bank(encoder, train_samples, config, "validation", batch_size, device, torch.float32)
+    bank = build_bank(encoder, train_samples, config, weights_digest(encoder), batch_size, device, torch.float32)
     results = score_samples(encoder, bank, val_samples, config, {scorer: {}}, device, batch_size, progress=False)
     return image_auroc([r.label for r in results[scorer]], [r.score for r in results[scorer]])
 
@@ -75,7 +75,7 @@ def _attach_images(results: list[ImageResult], samples: list[Sample], config: Co
         result.image = load_resized(sample, config.geometry, config.preprocess.intensity)
 
 
-def print_summaries(summaries: dict[str, dict]) -> str:
+def format_summaries(summaries: dict[str, dict]) -> str:
     return "\n\n".join(format_table(summary) for summary in summaries.values())
 
 

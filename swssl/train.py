@@ -28,7 +28,7 @@ from swssl.datasets import Sample, discover, load_resized, select
 from swssl.evaluate import validation_auroc
 from swssl.loss import LossTerms, swssl_loss
 from swssl.model import build_encoder
-from swssl.sampler import WindowTriplets
+from swssl.triplets import WindowTriplets
 
 CACHE_LIMIT_BYTES = 2 << 30  # training images are held in memory (16-bit) when they fit in this
 LOG = "train_log.csv"

@@ -7,7 +7,7 @@ from PIL import Image
 from swssl.checkpoint import load_checkpoint, load_encoder, weights_digest
 from swssl.config import load_preset
 from swssl.model import build_encoder
-from swssl.sampler import WindowTriplets
+from swssl.triplets import WindowTriplets
 from swssl.train import train, train_step
 
 SMALL = {"geometry": {"height": 256, "width": 192, "patch": 64, "step": 16},
