@@ -182,8 +182,6 @@ def run_inference(slides: Sequence[str | Path], model: OpenRun, out_dir: str | P
                   resume: bool = False, progress: bool = True,
                   echo: Callable[[str], None] | None = None) -> RunSummary:
     """Score every slide; see the module docstring for what is written where and when."""
-
-
     out_dir = Path(out_dir)
     files, problems = find_slides(slides, exclude=out_dir)
     if not files and not problems:
@@ -240,12 +238,12 @@ def run_inference(slides: Sequence[str | Path], model: OpenRun, out_dir: str | P
         finally:
             log.close()
             if writable:
-                _finish_outputs(log, out_dir, header, summary, say, write_gallery)
+                _finish_outputs(log, out_dir, header, summary, say)
     return summary
 
 
 def _finish_outputs(log: ResultLog, out_dir: Path, header: dict[str, Any], summary: RunSummary,
-                    say: Callable[[str], None], write_gallery: Callable) -> None:
+                    say: Callable[[str], None]) -> None:
     """The csv with one row per result, and the gallery; what cannot be written is said and listed."""
     for path, write in ((out_dir / SCORES_CSV, log.rewrite_csv),
                         (out_dir / "index.html", lambda: write_gallery(out_dir, read_results(out_dir), header))):
