@@ -10,7 +10,7 @@ import click
 from swssl.config import preset_names
 from swssl.readers import DEFAULT_MAX_PIXELS
 from swssl.errors import SwsslError
-from swssl.names import for_terminal
+from swssl.names import for_terminal, one_line
 
 
 def friendly_errors(command):
@@ -21,7 +21,7 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except SwsslError as exc:
-            click.echo(f"error: {for_terminal(_one_line(exc))}", err=True)
+            click.echo(f"error: {for_terminal(_message(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -29,13 +29,13 @@ def friendly_errors(command):
     return wrapper
 
 
-def _one_line(exc: SwsslError) -> str:
+def _message(exc: SwsslError) -> str:
     """The message on one line; an error re-raised by a DataLoader worker carries the worker's traceback
     text, of which the last line is the message."""
     text = str(exc).strip()
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
-    return " ".join(text.split())
+    return one_line(text)
 
 
 @click.command()

@@ -43,7 +43,7 @@ from swssl.files import FolderLock
 from swssl.gallery import write_gallery
 from swssl.geometry import grid
 from swssl.heatmaps import heatmap_name, write_heatmap
-from swssl.names import for_terminal, readable
+from swssl.names import for_terminal, one_line, readable
 from swssl.report import MAX_OVERLAY_SIDE
 from swssl.results import SCORES_CSV, VOLUME, ResultLog, read_results
 from swssl.run import OpenRun
@@ -55,16 +55,12 @@ from swssl.stream import scale_factor, score_native
 # --- results ---------------------------------------------------------------------------------
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _error_message(exc: BaseException) -> str:
     if isinstance(exc, ImageReadError):
-        return _one_line(exc.reason)
+        return one_line(exc.reason)
     if isinstance(exc, SwsslError):
-        return _one_line(str(exc))
-    return _one_line(f"{type(exc).__name__}: {exc}")
+        return one_line(str(exc))
+    return one_line(f"{type(exc).__name__}: {exc}")
 
 
 # --- scoring one frame -------------------------------------------------------------------------
@@ -324,7 +320,7 @@ def _add_heatmap(record: dict[str, Any], result: FrameScore, key: str, frame: in
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # the score stands; say why its picture is missing
-        record["message"] = _one_line(f"no heatmap: {_error_message(exc)}")
+        record["message"] = one_line(f"no heatmap: {_error_message(exc)}")
         summary.unwritten.append((f"heatmap of {key}" + (f" frame {frame}" if frames > 1 else ""), record["message"]))
 
 

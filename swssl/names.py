@@ -28,6 +28,11 @@ def for_terminal(text: str | os.PathLike) -> str:
     return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", readable(text))
 
 
+def one_line(text: str) -> str:
+    """The text with every run of whitespace (newlines included) made one space: a message is one line."""
+    return " ".join(str(text).split())
+
+
 def spreadsheet_cell(text: str) -> str:
     """A CSV cell no spreadsheet evaluates (OWASP CSV injection): a leading = + - @ tab or CR gets a "'"."""
     text = readable(text)

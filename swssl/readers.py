@@ -42,7 +42,7 @@ _SPECIAL_FILES = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (
                   (stat.S_ISSOCK, "socket"))
 
 
-def _one_line(text: str) -> str:
+def _shortened(text: str) -> str:
     """At most 160 characters, for the reason of an ImageReadError."""
     return text if len(text) <= 160 else text[:157] + "..."
 
@@ -51,7 +51,7 @@ def _reason(exc: BaseException) -> str:
     """A library exception as one short line, for the reason of an ImageReadError."""
     lines = [line.strip() for line in str(exc).strip().splitlines()] or [""]
     first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "all plugins failed:\n  a: why"
-    return _one_line(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+    return _shortened(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
 
 
 def _decoder_failure(exc: BaseException) -> bool:
@@ -544,7 +544,7 @@ class _DicomReader(ImageReader):
                     raise
                 raise ImageReadError(self.path, f"{problem} (decoder: {_reason(exc)})") from None
         if warned.damage:
-            raise ImageReadError(self.path, _one_line(f"{problem} (pydicom: {warned.damage[0]})"))
+            raise ImageReadError(self.path, _shortened(f"{problem} (pydicom: {warned.damage[0]})"))
         return pixels
 
     def _raw(self, y: int, x: int, h: int, w: int, frame: int) -> np.ndarray:

@@ -376,8 +376,9 @@ def test_an_artifact_exported_elsewhere_scores_with_its_runs_bank(evaluated, tmp
     from swssl.export.cli import export
 
     root, run, _ = evaluated
-    made = CliRunner().invoke(export, [str(run), "--onnx", "--out", str(tmp_path / "elsewhere")])
-    assert made.exit_code == 0, made.output
+    for where in ([], ["--out", str(tmp_path / "elsewhere")]):  # in the run (for comparison) and elsewhere
+        made = CliRunner().invoke(export, [str(run), "--onnx", *where])
+        assert made.exit_code == 0, made.output
     artifact = tmp_path / "elsewhere" / "onnx" / "model.onnx"
     slide = root / "test-1.png"
     for model, out in ((artifact, tmp_path / "a"), (run, tmp_path / "b")):
