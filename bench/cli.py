@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import torch
 
+from swssl.backbones import BACKBONES
 from swssl.bench import session
 from swssl.cli import friendly_errors
 from swssl.device import parse_device
@@ -34,7 +35,7 @@ def _list(kind: type):
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to measure (auto: cuda when there is one). Defaults below depend on it.")
-@click.option("--backbone", "backbones", multiple=True, type=click.Choice(["resnet18", "resnet50", "wide_resnet50_2"]),
+@click.option("--backbone", "backbones", multiple=True, type=click.Choice(list(BACKBONES)),
               help="Encoder(s) to measure, repeatable [default: resnet18; wide_resnet50_2 is the paper's "
                    "(about 40 windows/s on 2 CPU cores)].")
 @click.option("--backends", callback=_list(str), help="Comma list of torch, torch-compiled, onnxruntime, aoti, "

@@ -23,11 +23,10 @@ from typing import Any, Callable
 
 import torch
 
+from swssl.registry import BACKENDS, BY_BACKEND, TORCH_BACKENDS
 from swssl.bench import flops, machine, report, suites, workload
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-BACKENDS = ("torch", "torch-compiled", "onnxruntime", "aoti", "tensorrt")
-EXPORT_KIND = {"onnxruntime": "onnx", "aoti": "aoti", "tensorrt": "tensorrt"}
 
 # Defaults per device type. CPU: `make bench` in about 4-6 minutes on 2 cores; CUDA: bench/gpu.sh.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -181,7 +180,7 @@ def plan_paths(options: Options, where: dict[str, Any], session: Session) -> lis
         if problem:
             session.skip(where, kind, problem)
             continue
-        if kind in suites.TORCH_KINDS:
+        if kind in TORCH_BACKENDS:
             precisions = options.precisions
         elif kind == "onnxruntime":
             precisions = ["fp32"]  # the ONNX file is float32; reduced precision is TensorRT's job
@@ -192,7 +191,7 @@ def plan_paths(options: Options, where: dict[str, Any], session: Session) -> lis
                 session.skip(where, f"{kind} {precision}", f"unknown precision (choose from {', '.join(PRECISIONS)})")
                 continue
             paths += [OurPath(kind, precision, mode) for mode in options.modes]
-    return sorted(paths, key=lambda p: (p.kind not in suites.TORCH_KINDS, options.backends.index(p.kind),
+    return sorted(paths, key=lambda p: (p.kind not in TORCH_BACKENDS, options.backends.index(p.kind),
                                         options.modes.index(p.mode)))
 
 
@@ -201,7 +200,7 @@ def peak_key(path: OurPath, device: torch.device) -> str:
     convolutions in TF32 (torch's cuDNN default, ONNX Runtime's CUDA default) against the TF32 peak."""
     if path.precision != "fp32" or device.type != "cuda":
         return path.precision
-    if path.kind in suites.TORCH_KINDS and torch.backends.cudnn.allow_tf32:
+    if path.kind in TORCH_BACKENDS and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "tf32" if path.kind == "onnxruntime" else "fp32"
 
@@ -289,7 +288,7 @@ def run_backbone(session: Session, backbone: str, paths: list[OurPath], images: 
     profile = batch_profile(options)
     exported: set[tuple[str, str, str]] = set()
     for path in paths:
-        artifact = EXPORT_KIND.get(path.kind)
+        artifact = BY_BACKEND[path.kind].name if path.kind in BY_BACKEND else None
         key = (artifact, "fp32" if artifact == "onnx" else path.precision, path.mode)
         if artifact and key not in exported:
             made_profile = profile if path.mode == "exact" else None  # dense: the export's own (images per call)

@@ -12,13 +12,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from swssl.registry import TORCH_BACKENDS
 from swssl.bench.memory import PeakMemory
 from swssl.bench.timing import measure
 from swssl.bench.workload import Run
 from swssl.run import open_run
 
 # Backend kinds as the bench names them -> the kind load_backend / open_run take.
-TORCH_KINDS = ("torch", "torch-compiled")
 
 
 def path_label(kind: str, precision: str, mode: str = "exact") -> str:
@@ -30,7 +30,7 @@ def open_backend(run: Run, kind: str, precision: str, device: torch.device, mode
     """The backend for one path: the encoder itself for torch kinds, else the run's verified export of that mode."""
     from swssl.backends import TorchBackend, load_backend
 
-    if kind in TORCH_KINDS:
+    if kind in TORCH_BACKENDS:
         return TorchBackend(run.fresh_encoder(), device, compile=kind == "torch-compiled", precision=precision)
     return load_backend(run.folder, kind, device, precision, mode)[0]
 

@@ -179,7 +179,7 @@ def export(run: Run, data: Path, kind: str, precision: str, device: torch.device
     from swssl.export.pipeline import ExportRequest, export_run
 
     started = time.perf_counter()
-    request = ExportRequest(onnx=kind == "onnx", aoti=kind == "aoti", trt=kind == "tensorrt", precision=precision,
+    request = ExportRequest(kinds=(kind,), precision=precision,
                             batch=profile, device=str(device), data=data, mode=mode)
     export_run(run.folder, request, echo=lambda text: None)
     return time.perf_counter() - started

@@ -10,15 +10,21 @@ from pathlib import Path
 
 import click
 
+from swssl.registry import ARTIFACTS
 from swssl.cli import friendly_errors
 from swssl.export.profile import DEFAULT_BATCH, DEFAULT_DENSE_BATCH
 
 
+def artifact_flags(command):
+    """One flag per artifact kind (swssl.registry), each collected into `kinds`."""
+    for kind in reversed(ARTIFACTS):
+        command = click.option(kind.flag, "kinds", flag_value=kind.name, multiple=True, help=kind.help)(command)
+    return command
+
+
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--onnx", "onnx_", is_flag=True, help="ONNX graph, float32 (the default when no format is given).")
-@click.option("--trt", is_flag=True, help="TensorRT engine built from the ONNX file (needs TensorRT and a CUDA GPU).")
-@click.option("--aoti", is_flag=True, help="AOTInductor package (.pt2) for --device.")
+@artifact_flags
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
               help="TensorRT: fp16/bf16 builder flags, int8 by entropy calibration; AOTI: weights cast to fp16/bf16. "
                    "The ONNX file is always fp32.")
@@ -46,7 +52,7 @@ from swssl.export.profile import DEFAULT_BATCH, DEFAULT_DENSE_BATCH
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
               help="TensorRT timing cache file (default OUT/tensorrt.timing-cache), reused across builds.")
 @friendly_errors
-def export(run_dir: Path, onnx_: bool, trt: bool, aoti: bool, precision: str, mode: str | None, batch: str | None,
+def export(run_dir: Path, kinds: tuple[str, ...], precision: str, mode: str | None, batch: str | None,
            out_dir: Path | None, device: str, data: Path | None, verify_windows: int | None, calibration_windows: int,
            opset: int, version_compatible: bool, timing_cache: Path | None) -> None:
     """Export RUN_DIR's encoder for inference and verify each artifact against PyTorch.
@@ -62,7 +68,7 @@ def export(run_dir: Path, onnx_: bool, trt: bool, aoti: bool, precision: str, mo
     from swssl.export.pipeline import ExportRequest, export_run
     from swssl.export.profile import BatchProfile
 
-    request = ExportRequest(onnx=onnx_, trt=trt, aoti=aoti, precision=precision, mode=mode,
+    request = ExportRequest(kinds=kinds, precision=precision, mode=mode,
                             batch=BatchProfile.parse(batch) if batch is not None else None, out=out_dir,
                             device=device, data=data, verify_windows=verify_windows,
                             calibration_windows=calibration_windows, opset=opset,

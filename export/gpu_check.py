@@ -133,7 +133,7 @@ def run_checks(report: Report, work: Path, precisions: list[str], device: torch.
 
     def aoti(precision: str, mode: str = "exact") -> None:
         started = time.perf_counter()
-        request = ExportRequest(aoti=True, precision=precision, batch=profile if mode == "exact" else None,
+        request = ExportRequest(kinds=("aoti",), precision=precision, batch=profile if mode == "exact" else None,
                                 mode=mode, device=str(device), data=data)
         dense = mode == "dense"
         manifest_path = run / "export" / f"aoti-{device.type}-{precision}{'-dense' if dense else ''}" / "manifest.json"
@@ -158,7 +158,7 @@ def run_checks(report: Report, work: Path, precisions: list[str], device: torch.
             report.line(f"| ONNX | - | - | - | - | - | not run: {', '.join(absent)} not installed | |")
             return
         started = time.perf_counter()
-        request = ExportRequest(onnx=True, batch=profile if mode == "exact" else None, mode=mode, data=data)
+        request = ExportRequest(kinds=("onnx",), batch=profile if mode == "exact" else None, mode=mode, data=data)
         [manifest_path] = export_run(run, request, echo=lambda text: None)
         manifest = json.loads(Path(manifest_path).read_text())
         suffix = ", dense" if mode == "dense" else ""

@@ -8,7 +8,6 @@ rebuilds the artifact (or makes one in the run's mode).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shlex
@@ -18,14 +17,14 @@ from typing import Any
 
 import torch
 
-from swssl.files import atomic_write
+from swssl.registry import BY_NAME
+from swssl.files import atomic_write, sha256_file
 from swssl.config import Config
 from swssl.export.errors import ArtifactMismatch
 from swssl.export.profile import BatchProfile
 
 FORMAT = "swssl-export/1"
 MANIFEST = "manifest.json"
-KIND_FLAGS = {"onnx": "--onnx", "tensorrt": "--trt", "aoti": "--aoti"}
 INTERFACES = {"exact": "windows in, embeddings out", "dense": "images in, feature cells out"}
 # Distribution names under which each library may be installed (first found wins).
 _DISTRIBUTIONS = {
@@ -34,14 +33,6 @@ _DISTRIBUTIONS = {
     "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu11"),
     "swssl": ("swssl",),
 }
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def library_versions() -> dict[str, str | None]:
@@ -107,7 +98,7 @@ def rebuild_command(manifest: dict[str, Any], run_dir: str | Path | None = None,
     kind = manifest.get("kind", "onnx")
     own = manifest_mode(manifest)
     mode = mode or own
-    parts = ["swssl-export", str(run), KIND_FLAGS.get(kind, "--onnx")]
+    parts = ["swssl-export", str(run), BY_NAME[kind].flag if kind in BY_NAME else "--onnx"]
     if kind != "onnx":
         parts += ["--precision", manifest.get("precision", "fp32")]
     if kind == "aoti":
@@ -166,7 +157,7 @@ def check_manifest(manifest: dict[str, Any], *, digest: str | None = None, confi
     if device is not None:
         device = torch.device(device)
         built_for = manifest.get("device", "cpu")
-        if kind in ("aoti", "tensorrt") and built_for != device.type:
+        if kind in BY_NAME and BY_NAME[kind].device_bound and built_for != device.type:
             problems.append(f"built for {built_for}, asked to run on {device.type}")
     if kind == "aoti":
         built = manifest.get("versions", {}).get("torch", "")

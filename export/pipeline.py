@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from swssl.registry import ARTIFACTS, BY_NAME, ArtifactKind
 from swssl.checkpoint import BEST, CHECKPOINT, encoder_from_state, load_checkpoint, weights_digest
 from swssl.config import Config
 from swssl.device import parse_device
@@ -32,7 +33,8 @@ from swssl.export import verify as verification
 from swssl.export.errors import ArtifactMismatch, ExportError, MissingRequirement, VerificationError
 from swssl.export.graph import GraphSpec
 from swssl.export.manifest import (FORMAT, check_manifest, gpu_info, library_versions, mode_flags, read_manifest,
-                                   sha256_file, write_manifest)
+                                   write_manifest)
+from swssl.files import sha256_file
 from swssl.export.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD
 from swssl.export.profile import DEFAULT_BATCH, DEFAULT_DENSE_BATCH, BatchProfile
 from swssl.export.verify import Probe
@@ -44,9 +46,7 @@ CALIBRATION_WINDOWS = 512
 
 @dataclass
 class ExportRequest:
-    onnx: bool = False
-    trt: bool = False
-    aoti: bool = False
+    kinds: tuple[str, ...] = ()  # the artifact kinds to make (swssl.registry: onnx, tensorrt, aoti); none: onnx
     precision: str = "fp32"
     batch: BatchProfile | None = None  # None: DEFAULT_BATCH windows, or DEFAULT_DENSE_BATCH images in dense mode
     mode: str | None = None  # exact | dense; None: the run's own geometry.mode
@@ -97,57 +97,54 @@ def export_run(run_dir: Path, request: ExportRequest, echo: Callable[[str], None
         raise ExportError(f"unknown precision {request.precision!r}; choose from {', '.join(PRECISIONS)}")
     if request.batch is not None:
         request.batch.validate()
-    if not (request.onnx or request.trt or request.aoti):
-        request.onnx = True
-    if request.trt:  # fail before any work when the machine cannot build engines
-        from swssl.export.tensorrt_build import require_tensorrt
-
-        require_tensorrt()
-    device = _device(request)
-    if request.trt and device.type != "cuda":
-        raise MissingRequirement(f"--trt builds engines for a CUDA device, not --device {request.device}")
-    if request.onnx or request.trt:
-        from swssl.export.onnx_export import require_onnx
-
-        require_onnx()
-    if request.aoti and request.precision == "int8":
-        raise ExportError("AOTInductor exports fp32, fp16 or bf16; INT8 needs --trt")
+    unknown = [name for name in request.kinds if name not in BY_NAME]
+    if unknown:
+        raise ExportError(f"unknown artifact kind {unknown[0]!r}; choose from {', '.join(BY_NAME)}")
+    kinds = [kind for kind in ARTIFACTS if kind.name in (request.kinds or ("onnx",))]
+    device = _device(request, kinds)
+    _check_requirements({kind.name for kind in kinds}, request, device)  # before any work
     source = load_source(run_dir, request.mode)
     spec = _spec(source, request)
     out = Path(request.out) if request.out is not None else source.run_dir / "export"
     probe = verification.make_probe(source.encoder, source.config, spec, source.run_dir, request.data,
                                     request.verify_windows)
     echo(f"verification: {probe.where}")
+    if any(kind.name == "onnx" for kind in kinds) and request.precision != "fp32":
+        echo(f"note: the ONNX file is float32; {request.precision} is built by TensorRT from it (--trt)")
     written: list[Path] = []
-    failures: list[str] = []
-
-    def keep(result: tuple[Path, str | None]) -> None:
-        written.append(result[0])
-        if result[1]:
-            failures.append(result[1])
-
-    onnx_manifest = None
-    if request.onnx or request.trt:
-        if request.onnx and request.precision != "fp32":
-            echo(f"note: the ONNX file is float32; {request.precision} is built by TensorRT from it (--trt)")
-        onnx_folder = out / spec.folder("onnx")
-        onnx_manifest = _reusable_onnx(onnx_folder, source, request) if not request.onnx else None
-        if onnx_manifest is None:
-            keep(export_onnx_artifact(source, onnx_folder, request, probe, echo))
-            onnx_manifest = read_manifest(onnx_folder)
-    if request.trt and not failures:
-        keep(export_tensorrt_artifact(source, out, onnx_manifest, request, device, probe, echo))
-    if request.aoti:
-        keep(export_aoti_artifact(source, out, request, device, probe, echo))
-    if failures:
-        raise VerificationError("; ".join(failures))
+    failed: dict[str, str] = {}
+    for kind in kinds:
+        if kind.builds_from in failed:
+            continue  # nothing is built from an artifact that failed its verification
+        for made, path, failure in kind.load("exporter")(source, out, request, device, probe, echo):
+            written.append(path)
+            if failure:
+                failed[made] = failure
+    if failed:
+        raise VerificationError("; ".join(failed.values()))
     return written
+
+
+def _check_requirements(kinds: set[str], request: ExportRequest, device: torch.device) -> None:
+    """What the machine and the request must have for these artifact kinds: fail before any work."""
+    if "tensorrt" in kinds:
+        from swssl.export.tensorrt_build import require_tensorrt
+
+        require_tensorrt()
+        if device.type != "cuda":
+            raise MissingRequirement(f"--trt builds engines for a CUDA device, not --device {request.device}")
+    if kinds & {"onnx", "tensorrt"}:
+        from swssl.export.onnx_export import require_onnx
+
+        require_onnx()
+    if "aoti" in kinds and request.precision == "int8":
+        raise ExportError("AOTInductor exports fp32, fp16 or bf16; INT8 needs --trt")
 
 
 def _spec(source: Source, request: ExportRequest) -> GraphSpec:
     """The graph interface of this export: the source's mode, the request's batch profile or the mode's default."""
     dense = source.config.geometry.mode == "dense"
-    if dense and request.trt and request.precision == "int8":
+    if dense and "tensorrt" in request.kinds and request.precision == "int8":
         raise ExportError("dense engines are not INT8-calibrated (calibration runs at the profile's 1024 px OPT "
                           "shape); use --precision fp16 or bf16 with --mode dense, or int8 in exact mode")
     if request.batch is None:
@@ -155,9 +152,9 @@ def _spec(source: Source, request: ExportRequest) -> GraphSpec:
     return GraphSpec.of(source.config, request.batch)
 
 
-def _device(request: ExportRequest) -> torch.device:
-    """The device for --aoti / --trt: auto is CUDA when there is one (TensorRT always needs it)."""
-    return parse_device(request.device, auto_cuda=request.trt or request.aoti)
+def _device(request: ExportRequest, kinds: list[ArtifactKind]) -> torch.device:
+    """The device for kinds compiled for one (--aoti, --trt): auto is CUDA when there is one."""
+    return parse_device(request.device, auto_cuda=any(kind.device_bound for kind in kinds))
 
 
 def base_manifest(source: Source, kind: str, artifact: Path, precision: str, request: ExportRequest,
@@ -175,7 +172,7 @@ def base_manifest(source: Source, kind: str, artifact: Path, precision: str, req
 
 
 def _command(source: Source, kind: str, precision: str, device: str, request: ExportRequest, spec: GraphSpec) -> str:
-    parts = ["swssl-export", str(source.run_dir), {"onnx": "--onnx", "tensorrt": "--trt", "aoti": "--aoti"}[kind]]
+    parts = ["swssl-export", str(source.run_dir), BY_NAME[kind].flag]
     if kind != "onnx":
         parts += ["--precision", precision, "--device", device]
     parts += mode_flags(spec.mode, source.facts["run_mode"])
@@ -189,23 +186,30 @@ def _command(source: Source, kind: str, precision: str, device: str, request: Ex
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _finish(folder: Path, manifest: dict[str, Any], report: dict[str, Any], echo, label: str) -> tuple[Path, str | None]:
+def _finish(folder: Path, manifest: dict[str, Any], report: dict[str, Any], echo,
+            label: str) -> tuple[str, Path, str | None]:
     manifest["verification"] = report
     path = write_manifest(folder, manifest)
     artifact = folder / manifest["artifact"]
     if not report["passed"]:
         echo(f"{label}: {artifact} FAILED verification ({verification.summary(report)})")
-        return path, verification.failure_message(artifact, report, manifest["precision"])
+        return manifest["kind"], path, verification.failure_message(artifact, report, manifest["precision"])
     echo(f"{label}: {artifact} (verified: {verification.summary(report)})")
-    return path, None
+    return manifest["kind"], path, None
 
 
-def export_onnx_artifact(source: Source, folder: Path, request: ExportRequest, probe: Probe,
-                         echo) -> tuple[Path, str | None]:
+# What an exporter made: per artifact its kind, its manifest and its verification failure (None: it passed).
+Made = list[tuple[str, Path, str | None]]
+
+
+def export_onnx_artifact(source: Source, out: Path, request: ExportRequest, device: torch.device, probe: Probe,
+                         echo) -> Made:
+    """The ONNX graph (float32, checked on ONNX Runtime's CPU provider whatever `device`)."""
     from swssl.backends import OnnxRuntimeBackend
     from swssl.export.onnx_export import export_onnx
 
-    artifact = folder / "model.onnx"
+    folder = out / probe.spec.folder("onnx")
+    artifact = folder / BY_NAME["onnx"].file
     (folder / "manifest.json").unlink(missing_ok=True)  # no stale manifest beside a half-made artifact
     info = export_onnx(source.encoder, probe.spec, artifact, request.opset, request.external_data_threshold)
     manifest = base_manifest(source, "onnx", artifact, "fp32", request, "any", probe.spec)
@@ -214,7 +218,7 @@ def export_onnx_artifact(source: Source, folder: Path, request: ExportRequest, p
     backend = OnnxRuntimeBackend(artifact, "cpu")  # the reference runtime for the graph itself
     report = probe.check(backend, "fp32", "cpu")
     report["runtime"] = f"onnxruntime {manifest['versions']['onnxruntime']} CPUExecutionProvider"
-    return _finish(folder, manifest, report, echo, "onnx")
+    return [_finish(folder, manifest, report, echo, "onnx")]
 
 
 def _reusable_onnx(folder: Path, source: Source, request: ExportRequest) -> dict[str, Any] | None:
@@ -227,14 +231,24 @@ def _reusable_onnx(folder: Path, source: Source, request: ExportRequest) -> dict
     return manifest if manifest.get("batch") == request.batch.to_dict() else None
 
 
-def export_tensorrt_artifact(source: Source, out: Path, onnx_manifest: dict[str, Any], request: ExportRequest,
-                             device: torch.device, probe: Probe, echo) -> tuple[Path, str | None]:
+def export_tensorrt_artifact(source: Source, out: Path, request: ExportRequest, device: torch.device, probe: Probe,
+                             echo) -> Made:
+    """A TensorRT engine, built from the ONNX export of these weights and batch profile (made first when
+    there is none)."""
     from swssl.backends import TensorRTBackend
     from swssl.export.tensorrt_build import build_engine
 
+    made: Made = []
+    onnx_folder = out / probe.spec.folder("onnx")
+    onnx_manifest = _reusable_onnx(onnx_folder, source, request)
+    if onnx_manifest is None:
+        made = export_onnx_artifact(source, out, request, device, probe, echo)
+        if made[0][2]:
+            return made
+        onnx_manifest = read_manifest(onnx_folder)
     precision = request.precision
     folder = out / probe.spec.folder(f"tensorrt-{precision}")
-    artifact = folder / "model.engine"
+    artifact = folder / BY_NAME["tensorrt"].file
     (folder / "manifest.json").unlink(missing_ok=True)
     calibration = calibration_cache = None
     if precision == "int8":
@@ -251,17 +265,18 @@ def export_tensorrt_artifact(source: Source, out: Path, onnx_manifest: dict[str,
     manifest["tensorrt"] = {**info, "onnx": str(onnx_path), "onnx_sha256": onnx_manifest["artifact_sha256"]}
     backend = TensorRTBackend(artifact, device, request.version_compatible)
     report = probe.check(backend, precision, device)
-    return _finish(folder, manifest, report, echo, f"tensorrt {precision}")
+    return [*made, _finish(folder, manifest, report, echo, f"tensorrt {precision}")]
 
 
 def export_aoti_artifact(source: Source, out: Path, request: ExportRequest, device: torch.device, probe: Probe,
-                         echo) -> tuple[Path, str | None]:
+                         echo) -> Made:
+    """An AOTInductor package compiled for `device` in the request's precision."""
     from swssl.backends import AotiBackend
     from swssl.export.aoti import export_aoti
 
     precision = request.precision
     folder = out / probe.spec.folder(f"aoti-{device.type}-{precision}")
-    artifact = folder / "model.pt2"
+    artifact = folder / BY_NAME["aoti"].file
     (folder / "manifest.json").unlink(missing_ok=True)
     echo(f"aoti: compiling for {device} ({precision}); this takes a while")
     with strict_fp32(device, precision):  # no TF32 baked into an fp32 package's kernels
@@ -272,7 +287,7 @@ def export_aoti_artifact(source: Source, out: Path, request: ExportRequest, devi
     backend = AotiBackend(artifact, device, request.batch.to_dict(), source.encoder.dim, probe.spec.dense)
     with strict_fp32(device, precision):
         report = probe.check(backend, precision, device)
-    return _finish(folder, manifest, report, echo, f"aoti {device.type} {precision}")
+    return [_finish(folder, manifest, report, echo, f"aoti {device.type} {precision}")]
 
 
 class strict_fp32:

@@ -67,7 +67,7 @@ def ensure_exports(run: Path, data: Path, batch: str | None = "1,4,16", onnx: bo
     for kind, needed in wanted.items():
         folder = f"onnx{suffix}" if kind == "onnx" else f"aoti-{device}-fp32{suffix}"
         if needed and not (out / folder / "manifest.json").is_file():
-            request = ExportRequest(onnx=kind == "onnx", aoti=kind == "aoti", mode=mode, device=device,
+            request = ExportRequest(kinds=(kind,), mode=mode, device=device,
                                     batch=BatchProfile.parse(batch) if batch else None, data=Path(data))
             export_run(Path(run), request, echo=lambda text: None)
     return out

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from swssl.registry import BACKENDS, BY_BACKEND, BY_NAME, TORCH_BACKENDS, kind_of_file
 from swssl.checkpoint import BEST, CHECKPOINT, load_encoder, weights_digest
 from swssl.config import TRUNK_STRIDE, Config
 from swssl.device import parse_device
@@ -45,16 +46,12 @@ from swssl.model import PatchEncoder
 if TYPE_CHECKING:
     from swssl.export.graph import GraphSpec
 
-KINDS = ("auto", "torch", "torch-compiled", "onnxruntime", "tensorrt", "aoti")
+KINDS = ("auto", *BACKENDS)
 # auto's order, fastest first. On CUDA: engines, then the compiled package, then ONNX Runtime's CUDA
 # provider. On the CPU ONNX Runtime beats the AOTInductor package (resnet18, 128 px windows, 256 per
 # call, 2 cores: 0.65 s vs 0.87 s; eager torch 1.9 s).
 AUTO_ORDER = {"cuda": ("tensorrt", "aoti", "onnxruntime", "torch"),
               "cpu": ("tensorrt", "onnxruntime", "aoti", "torch")}
-SUFFIX_KIND = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt2": "aoti", ".pt": "torch",
-               ".pth": "torch"}
-ARTIFACT_BACKEND = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "aoti": "aoti"}
-EXPORT_FLAG = {"onnxruntime": "--onnx", "tensorrt": "--trt", "aoti": "--aoti"}
 # auto prefers reduced precision (faster, verified at export); int8 only when asked for by name.
 PRECISION_ORDER = ("fp16", "bf16", "fp32")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -150,6 +147,13 @@ class ArtifactBackend(Backend):
 
     dense = False
 
+    @classmethod
+    @abstractmethod
+    def from_manifest(cls, artifact: Path, manifest: dict[str, Any], device: torch.device, spec: GraphSpec | None,
+                      dim: int) -> ArtifactBackend:
+        """The backend of the artifact a manifest describes (`spec`: its interface, when recorded; `dim`: its
+        embedding size)."""
+
     @abstractmethod
     def _infer(self, inputs: torch.Tensor) -> torch.Tensor:
         """The graph's float32 output for one batch no larger than max_batch, on self.device."""
@@ -213,6 +217,11 @@ class OnnxRuntimeBackend(ArtifactBackend):
         if self.providers[0] == "TensorrtExecutionProvider" and spec:
             self.max_batch = spec.batch.max
         self.name = f"onnxruntime ({self.providers[0].removesuffix('ExecutionProvider')})"
+
+    @classmethod
+    def from_manifest(cls, artifact: Path, manifest: dict[str, Any], device: torch.device, spec: GraphSpec | None,
+                      dim: int) -> OnnxRuntimeBackend:
+        return cls(artifact, device, spec=spec)
 
     def _infer(self, inputs: torch.Tensor) -> torch.Tensor:
         if not self.io_binding:
@@ -292,6 +301,11 @@ class TensorRTBackend(ArtifactBackend):
         self.profile = [tuple(int(d) for d in dims) for dims in shapes]
         self.min_batch, self.max_batch = self.profile[0][0], self.profile[2][0]
 
+    @classmethod
+    def from_manifest(cls, artifact: Path, manifest: dict[str, Any], device: torch.device, spec: GraphSpec | None,
+                      dim: int) -> TensorRTBackend:
+        return cls(artifact, device, bool(manifest.get("tensorrt", {}).get("version_compatible")))
+
     def _infer(self, inputs: torch.Tensor) -> torch.Tensor:
         count = len(inputs)
         if count < self.min_batch:  # below the profile: pad with empty inputs, drop their rows
@@ -328,6 +342,11 @@ class AotiBackend(ArtifactBackend):
         self.max_batch = int(batch["max"]) if batch else None
         self.dim = dim
         self.dense = dense
+
+    @classmethod
+    def from_manifest(cls, artifact: Path, manifest: dict[str, Any], device: torch.device, spec: GraphSpec | None,
+                      dim: int) -> AotiBackend:
+        return cls(artifact, device, manifest.get("batch") or None, dim, bool(spec and spec.dense))
 
     def _infer(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -384,7 +403,7 @@ def _from_run(run: Path, kind: str, device: torch.device, precision: str | None,
     config = config.with_mode(mode)
     digest = weights_digest(encoder)  # of the fp32 weights, before a torch backend casts them
     torch_precision = precision if precision in DTYPES else "fp32"
-    if kind in ("torch", "torch-compiled"):
+    if kind in TORCH_BACKENDS:
         if precision is not None and precision not in DTYPES:
             raise BackendError(f"the torch backend runs fp32, fp16 or bf16, not {precision} (int8 needs a TensorRT engine)")
         backend = TorchBackend(encoder, device, compile=kind == "torch-compiled", precision=torch_precision)
@@ -432,8 +451,8 @@ def _from_run(run: Path, kind: str, device: torch.device, precision: str | None,
 
 def _no_export(run: Path, kind: str, device: torch.device, precision: str | None, mode: str) -> str:
     """Why there is no artifact to try, with the command that makes one."""
-    flags = EXPORT_FLAG[kind] + (f" --precision {precision}" if precision else "")
-    flags += f" --device {device.type}" if kind == "aoti" else ""
+    flags = BY_BACKEND[kind].flag + (f" --precision {precision}" if precision else "")
+    flags += f" --device {device.type}" if BY_BACKEND[kind].device_bound else ""
     flags += " --mode dense" if mode == "dense" else ""
     return (f"no {kind} export for {device.type}" + (f" in {precision}" if precision else "")
             + (" in dense mode" if mode == "dense" else "") + f" (make one: swssl-export {run} {flags})")
@@ -460,7 +479,7 @@ def _ordered(manifests: list[dict[str, Any]], kind: str, device: torch.device, p
     them (asked for) or auto passes them over, saying which mode to export."""
     from swssl.export.manifest import manifest_mode
 
-    found = [m for m in manifests if ARTIFACT_BACKEND.get(m.get("kind")) == kind
+    found = [m for m in manifests if m.get("kind") in BY_NAME and BY_NAME[m["kind"]].backend == kind
              and (m.get("precision") == precision if precision else m.get("precision") != "int8")]
     rank = {p: i for i, p in enumerate(PRECISION_ORDER)}
     return sorted(found, key=lambda m: (manifest_mode(m) != mode,
@@ -487,20 +506,13 @@ def _runtime_problem(kind: str, device: torch.device) -> str | None:
 
 
 def _open(kind: str, manifest: dict[str, Any], device: torch.device) -> Backend:
+    """The backend of an artifact kind (swssl.registry) for the artifact a manifest describes."""
     from swssl.export.graph import GraphSpec
 
     artifact = Path(manifest["_folder"]) / manifest["artifact"]
-    batch = manifest.get("batch") or None
-    spec = GraphSpec.from_manifest(manifest) if batch else None
+    spec = GraphSpec.from_manifest(manifest) if manifest.get("batch") else None
     dim = int(manifest.get("output", {}).get("shape", [0, 0])[1] or 0)
-    if kind == "onnxruntime":
-        backend: Backend = OnnxRuntimeBackend(artifact, device, spec=spec)
-    elif kind == "tensorrt":
-        backend = TensorRTBackend(artifact, device, bool(manifest.get("tensorrt", {}).get("version_compatible")))
-    elif kind == "aoti":
-        backend = AotiBackend(artifact, device, batch, dim, bool(spec and spec.dense))
-    else:
-        raise BackendError(f"unknown artifact kind {kind!r}")
+    backend = BY_BACKEND[kind].load("backend_class").from_manifest(artifact, manifest, device, spec, dim)
     backend.dim = backend.dim or dim
     backend.precision = manifest.get("precision", "fp32")
     backend.manifest = manifest
@@ -510,7 +522,7 @@ def _open(kind: str, manifest: dict[str, Any], device: torch.device) -> Backend:
 def _from_file(path: Path, kind: str, device: torch.device, mode: str | None) -> Opened:
     from swssl.export.manifest import check_manifest, manifest_mode, read_manifest
 
-    file_kind = SUFFIX_KIND.get(path.suffix.lower())
+    file_kind = kind_of_file(path.suffix)
     if file_kind is None:
         raise BackendError(f"{path}: not a model (a run directory, or a .onnx, .engine/.plan, .pt2 or .pt file)")
     if kind not in ("auto", file_kind) and not (file_kind == "torch" and kind == "torch-compiled"):

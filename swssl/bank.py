@@ -21,8 +21,9 @@ from tqdm import tqdm
 from swssl.files import atomic_write
 from swssl.config import Config
 from swssl.datasets import Sample, load_resized
-from swssl.embed import Encode, embed_image
+from swssl.embed import Encode
 from swssl.errors import SwsslError
+from swssl.tiling import ImageWindows
 
 BANK = "bank.safetensors"  # exact mode; dense mode's bank lies beside it, so a run can hold both
 DENSE_BANK = "bank-dense.safetensors"
@@ -140,7 +141,7 @@ def build_bank(encode: Encode, samples: list[Sample], config: Config, encoder_di
     embeddings, foreground = [], []
     for sample in tqdm(samples, desc="memory bank", unit="img"):
         image = load_resized(sample, config.geometry, config.preprocess.intensity)
-        emb, fg = embed_image(encode, image, config, batch_size, device)
+        emb, fg = ImageWindows(image, config, batch_size, device).embed(encode)
         embeddings.append(emb.to("cpu", dtype))
         foreground.append(fg.cpu())
     return MemoryBank(torch.stack(embeddings), torch.stack(foreground), config, encoder_digest,

@@ -4,9 +4,11 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
+from swssl.registry import BACKENDS, SCORER_NAMES, SCORER_OPTIONS, SCORERS
 from swssl.config import preset_names
 from swssl.readers import DEFAULT_MAX_PIXELS
 from swssl.errors import SwsslError
@@ -96,6 +98,24 @@ def train(preset: str, config_file: Path | None, data: Path, out_dir: Path, epoc
     click.echo(f"checkpoint: {checkpoint}")
 
 
+SCORER_HELP = "; ".join(f"{kind.name}: {kind.help}" for kind in SCORERS) + "."
+
+
+def scorer_option_flags(command):
+    """The scorers' options (swssl.registry.SCORER_OPTIONS), each naming the scorers that take it; the command
+    receives them as one dict, `scorer_values` (option key -> value)."""
+    for key, option in reversed(SCORER_OPTIONS.items()):
+        users = ", ".join(kind.name for kind in SCORERS if key in kind.options)
+        command = click.option(option.flag, key, type=option.type, default=option.default,
+                               show_default=option.default is not None, help=f"{users}: {option.help}")(command)
+
+    @functools.wraps(command)
+    def gather(*args, **kwargs):
+        values = {key: kwargs.pop(key) for key in SCORER_OPTIONS}
+        return command(*args, scorer_values=values, **kwargs)
+    return gather
+
+
 mode_option = click.option(
     "--mode", type=click.Choice(["exact", "dense"]),
     help="How windows are embedded: exact (each window through the encoder on its own, as the paper) or "
@@ -147,21 +167,17 @@ def bank(run_dir: Path, data: Path, fp32: bool, mode: str | None, device: str, b
 @run_dir_argument
 @data_option
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
-@click.option("--scorer", "scorers", multiple=True, default=("aligned", "global", "reference"), show_default=True,
-              type=click.Choice(["aligned", "global", "reference"]), help="Repeat to run several.")
-@click.option("--radius", default=0, show_default=True, help="aligned: also compare with bank windows within +-R positions.")
-@click.option("--k", default=1, show_default=True, help="global: number of nearest bank windows averaged.")
-@click.option("--coreset", type=float, help="global: keep this share of bank windows (k-center greedy), e.g. 0.1.")
-@click.option("--top-k", "top", default=1, show_default=True, help="Image score = mean of the K highest window scores.")
+@click.option("--scorer", "scorers", multiple=True, default=SCORER_NAMES, show_default=True,
+              type=click.Choice(SCORER_NAMES), help=f"Repeat to run several. {SCORER_HELP}")
+@scorer_option_flags
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Report folder (default RUN_DIR/eval, RUN_DIR/eval-dense in dense mode).")
 @mode_option
 @device_option
 @batch_option
 @friendly_errors
-def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], radius: int, k: int,
-             coreset: float | None, top: int, out_dir: Path | None, mode: str | None, device: str,
-             batch_size: int) -> None:
+def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], scorer_values: dict[str, Any],
+             out_dir: Path | None, mode: str | None, device: str, batch_size: int) -> None:
     """Score a split against the run's memory bank and report image / pixel AUROC and lesion hits.
 
     Writes eval.json, images.csv, roc.png and heatmap overlays to RUN_DIR/eval/<split>-<scorer>/.
@@ -171,7 +187,8 @@ def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], ra
     from swssl.bank import MemoryBank
     from swssl.checkpoint import load_encoder, weights_digest
     from swssl.datasets import discover, select
-    from swssl.evaluate import default_scorer_options, evaluate as run_evaluation, format_summaries
+    from swssl.evaluate import evaluate as run_evaluation, format_summaries
+    from swssl.scorers import scorer_options
     from swssl.device import parse_device
 
     dev = parse_device(device)
@@ -179,7 +196,7 @@ def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], ra
     config = config.with_mode(mode)
     memory = MemoryBank.load(run_dir, config=config, encoder_digest=weights_digest(encoder))
     samples = select(discover(data), split)
-    options = default_scorer_options(list(dict.fromkeys(scorers)), radius, k, coreset, top)
+    options = scorer_options(list(dict.fromkeys(scorers)), **scorer_values)
     out_dir = out_dir or run_dir / ("eval-dense" if config.geometry.mode == "dense" else "eval")
     summaries = run_evaluation(encoder.to(dev), memory, samples, config, options, out_dir, split, dev, batch_size)
     click.echo(format_summaries(summaries))
@@ -208,7 +225,7 @@ def compare(reports: tuple[Path, ...], split: str) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: scores.csv, scores.jsonl, heatmaps/, index.html.")
 @click.option("--backend", "kind", default="auto", show_default=True,
-              type=click.Choice(["auto", "torch", "torch-compiled", "onnxruntime", "tensorrt", "aoti"]),
+              type=click.Choice(["auto", *BACKENDS]),
               help="Inference engine; auto picks the fastest usable one for --model (torch-compiled: the "
                    "checkpoint through torch.compile).")
 @device_option
@@ -216,12 +233,9 @@ def compare(reports: tuple[Path, ...], split: str) -> None:
               help="Windows per encoder call.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
               help="Precision of the backend (default: the artifact's own).")
-@click.option("--scorer", type=click.Choice(["aligned", "global", "reference"]),
-              help="Default: aligned in the run's resize geometry, global in native geometry.")
-@click.option("--radius", default=0, show_default=True, help="aligned: also compare with bank windows within +-R positions.")
-@click.option("--k", default=1, show_default=True, help="global: number of nearest bank windows averaged.")
-@click.option("--coreset", type=float, help="global: keep this share of bank windows (k-center greedy), e.g. 0.1.")
-@click.option("--top-k", "top", default=1, show_default=True, help="Slide score = mean of the K highest window scores.")
+@click.option("--scorer", type=click.Choice(SCORER_NAMES),
+              help=f"Default: aligned in the run's resize geometry, global in native geometry. {SCORER_HELP}")
+@scorer_option_flags
 @click.option("--scale", type=float,
               help="Native geometry: cut windows from the full-resolution grid downsampled by F = 1/k "
                    "(1, 0.5, 0.25, ...) instead of resizing to the run's size.")
@@ -234,8 +248,7 @@ def compare(reports: tuple[Path, ...], split: str) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device: str, batch_size: int,
-          precision: str | None, scorer: str | None, radius: int, k: int, coreset: float | None, top: int,
-          scale: float | None, mode: str | None, heatmaps: bool, max_pixels: int, resume: bool, quiet: bool) -> None:
+          precision: str | None, scorer: str | None, scorer_values: dict[str, Any], scale: float | None, mode: str | None, heatmaps: bool, max_pixels: int, resume: bool, quiet: bool) -> None:
     """Score SLIDES (files, folders searched recursively, or globs) against a run's memory bank.
 
     Every frame of a multi-frame file (a DBT volume) is a slide; the volume's score is the max over
@@ -246,15 +259,15 @@ def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device
     Example: swssl-infer data/demo/test --model runs/demo --out runs/demo/infer --heatmaps
     """
     from swssl.device import parse_device
-    from swssl.evaluate import default_scorer_options
     from swssl.infer import choose_settings, format_summary, run_inference
     from swssl.run import open_run
+    from swssl.scorers import scorer_options
     from swssl.stream import scale_factor
 
     if scale is not None:
         scale_factor(scale)  # refuse a bad factor or device before loading anything
     loaded = open_run(model, kind, parse_device(device), precision, mode)
-    options = default_scorer_options(["aligned", "global", "reference"], radius, k, coreset, top)
+    options = scorer_options(list(SCORER_NAMES), **scorer_values)
     settings = choose_settings(loaded.config, scorer, options, scale, batch_size, heatmaps, max_pixels=max_pixels)
     summary = run_inference(slides, loaded, out_dir, settings, resume=resume, progress=not quiet)
     click.echo(format_summary(summary))

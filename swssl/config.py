@@ -17,7 +17,9 @@ from typing import Any
 
 from swssl.errors import ConfigError
 
-# Every supported backbone (torchvision ResNets) maps H x W pixels to H/32 x W/32 feature cells.
+# Every registered backbone (swssl/backbones.py) maps H x W pixels to H/32 x W/32 feature cells: its
+# spec's stride is the authority (Config.validate uses it); modules not yet routed through the spec
+# use this constant, so tests/test_backbones.py checks that every spec's stride equals it.
 TRUNK_STRIDE = 32
 MODES = ("exact", "dense")
 
@@ -120,6 +122,8 @@ class Config:
         return self if mode is None else self.override({"geometry": {"mode": mode}}).validate()
 
     def validate(self) -> "Config":
+        from swssl.backbones import BACKBONES  # torch and torchvision: not needed to merely read a configuration
+
         g = self.geometry
         if g.grid not in ("cover", "reference"):
             raise ConfigError(f"geometry.grid must be 'cover' or 'reference', not {g.grid!r}")
@@ -131,9 +135,12 @@ class Config:
             raise ConfigError(f"geometry.inference must be 'resize' or 'native', not {g.inference!r}")
         if g.mode not in MODES:
             raise ConfigError(f"geometry.mode must be 'exact' or 'dense', not {g.mode!r}")
-        if g.mode == "dense" and (g.patch % TRUNK_STRIDE or g.step % TRUNK_STRIDE):
+        if self.model.backbone not in BACKBONES:
+            raise ConfigError(f"model.backbone must be one of {', '.join(BACKBONES)}, not {self.model.backbone!r}")
+        stride = BACKBONES[self.model.backbone].stride
+        if g.mode == "dense" and (g.patch % stride or g.step % stride):
             raise ConfigError(f"dense mode needs patch and step to be multiples of the trunk's stride "
-                              f"({TRUNK_STRIDE} px), so that every window covers whole feature cells; "
+                              f"({stride} px), so that every window covers whole feature cells; "
                               f"patch {g.patch} and step {g.step} are not: use --mode exact or change them")
         if self.preprocess.intensity not in ("bits", "minmax"):
             raise ConfigError(f"preprocess.intensity must be 'bits' or 'minmax', not {self.preprocess.intensity!r}")

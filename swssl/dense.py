@@ -18,23 +18,20 @@ to the next multiple of the stride. Padding is zeros, i.e. background.
 Tiles. Large images run in tiles whose cores are `tile` px (a multiple of the stride) and whose
 inputs extend `halo` px beyond the core on every side (clipped at the canvas border). A cell
 depends on the input pixels of its receptive field; `halo` is the receptive field's reach beyond
-the cell rounded up to a multiple of the stride (ResNet-18: 435 px field, halo 224; ResNet-50 and
-Wide-ResNet-50-2: 427 px, halo 224), so the cells of a core never see a tile border and the
-stitched map equals the whole-image map (tested to float tolerance).
+the cell rounded up to a multiple of the stride (each backbone's spec computes it, swssl/backbones.py:
+ResNet-18 435 px field, halo 224; ResNet-50 and Wide-ResNet-50-2 427 px, halo 224; MobileNetV2
+491 px, halo 256), so the cells of a core never see a tile border and the stitched map equals the
+whole-image map (tested to float tolerance).
 """
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
-from torch import nn
 
+from swssl.backbones import backbone_spec
 from swssl.config import TRUNK_STRIDE, Config, Geometry
 from swssl.geometry import canvas_shape, grid
 
@@ -42,50 +39,9 @@ FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # N x 1 x H x W in [0, 1] -
 DEFAULT_TILE = 2048  # px of a tile's core: one pass for a 1024 x 768 slice, (2048 + 448)^2 inputs for slides
 
 
-@dataclass(frozen=True)
-class ReceptiveField:
-    """Cell i of the map depends on input pixels [i * stride + start, i * stride + start + size - 1]."""
-
-    size: int
-    stride: int
-    start: int
-
-    @property
-    def halo(self) -> int:
-        """Pixels of context a tile needs beyond its core on each side, rounded up to the stride."""
-        before = -self.start
-        after = self.start + self.size - self.stride
-        return math.ceil(max(before, after, 0) / self.stride) * self.stride
-
-
-def receptive_field(trunk: nn.Module) -> ReceptiveField:
-    """The receptive field of a convolutional trunk, walked layer by layer along its main path.
-
-    Residual shortcuts (`downsample`: a strided 1 x 1 convolution) run in parallel with the
-    block's own convolutions and see less, so they are skipped; a block's field is its main path's.
-    """
-    size, jump, start = 1, 1, 0
-    for name, module in trunk.named_modules():
-        if "downsample" in name.split(".") or not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            continue
-        kernel, stride, padding = (_first(module.kernel_size), _first(module.stride), _first(module.padding))
-        dilation = _first(getattr(module, "dilation", 1))
-        size += (kernel - 1) * dilation * jump
-        start -= padding * jump
-        jump *= stride
-    return ReceptiveField(size, jump, start)
-
-
-def _first(value: int | tuple[int, ...]) -> int:
-    return value if isinstance(value, int) else value[0]
-
-
-@functools.cache
 def halo_for(backbone: str) -> int:
-    """The tile halo of a torchvision backbone's trunk (its structure only: built on the meta device)."""
-    with torch.device("meta"):
-        net = getattr(torchvision.models, backbone)(weights=None)
-    return receptive_field(nn.Sequential(*list(net.children())[:-2])).halo
+    """The tile halo of a backbone's trunk (from its spec: computed once from the trunk's structure)."""
+    return backbone_spec(backbone).halo
 
 
 def tiled_feature_map(feature_map: FeatureMap, image: torch.Tensor, halo: int, tile: int = DEFAULT_TILE,

@@ -27,6 +27,11 @@ def grid_windows(image: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch:
     return every[ys, xs].unsqueeze(1)
 
 
+def empty_embedding(encode: Encode, patch: int, device: torch.device) -> torch.Tensor:
+    """The embedding (1 x D float32) of an all-zero window: what every window without foreground gets."""
+    return encode(torch.zeros(1, 1, patch, patch, device=device)).float()
+
+
 @torch.inference_mode()
 def embed_image(encode: Encode, image: np.ndarray | torch.Tensor, config: Config, batch_size: int = 256,
                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +51,7 @@ def embed_image(encode: Encode, image: np.ndarray | torch.Tensor, config: Config
         return embed_dense(encode.feature_map, pixels, config)
     rows, cols = grid(g, *pixels.shape)
     foreground = window_max(pixels, rows, cols, g.patch) > config.preprocess.foreground_threshold
-    empty = encode(torch.zeros(1, 1, g.patch, g.patch, device=device)).float()
-    out = empty.expand(len(rows) * len(cols), -1).clone()
+    out = empty_embedding(encode, g.patch, device).expand(len(rows) * len(cols), -1).clone()
     wanted = foreground.flatten().nonzero().squeeze(1)
     for start in range(0, len(wanted), batch_size):
         index = wanted[start:start + batch_size]

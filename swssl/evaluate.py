@@ -15,12 +15,12 @@ from swssl.bank import MemoryBank, build_bank
 from swssl.checkpoint import weights_digest
 from swssl.config import Config
 from swssl.datasets import Sample, load_mask, load_resized
-from swssl.embed import embed_image
 from swssl.geometry import grid
 from swssl.metrics import image_auroc
 from swssl.model import PatchEncoder
 from swssl.report import ImageResult, format_table, summarise, write_report
 from swssl.scorers import build_scorer
+from swssl.tiling import ImageWindows, score_source
 
 
 def score_samples(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], config: Config,
@@ -31,12 +31,11 @@ def score_samples(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample]
     results: dict[str, list[ImageResult]] = {name: [] for name in scorers}
     for sample in tqdm(samples, desc="scoring", unit="img", disable=not progress):
         image = load_resized(sample, config.geometry, config.preprocess.intensity)
-        embeddings, foreground = embed_image(encoder, image, config, batch_size, device)
+        scored = score_source(ImageWindows(image, config, batch_size, device), encoder, built)
         mask = load_mask(sample, config.geometry) if sample.mask is not None else None
-        for name, scorer in built.items():
-            scored = scorer.score(embeddings, foreground)
-            maps = None if scored.window_scores is None else scored.window_scores.numpy()
-            results[name].append(ImageResult(str(sample.path), sample.label, scored.score, maps, None, mask))
+        for name, result in scored.items():
+            results[name].append(ImageResult(str(sample.path), sample.label, result.score, result.window_scores,
+                                             None, mask))
     return results
 
 
@@ -51,7 +50,7 @@ def validation_auroc(encoder: PatchEncoder, train_samples: list[Sample], val_sam
 
 def evaluate(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], config: Config,
              scorers: dict[str, dict], out_dir: Path, split: str, device: str | torch.device = "cpu",
-             batch_size: int = 256, top: int = 8) -> dict[str, dict]:
+             batch_size: int = 256, overlays: int = 8) -> dict[str, dict]:
     """Score `samples`, write one report folder per scorer (out_dir/<split>-<scorer>/), return the summaries."""
     started = time.perf_counter()
     results = score_samples(encoder, bank, samples, config, scorers, device, batch_size)
@@ -60,27 +59,20 @@ def evaluate(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], con
     summaries, digest = {}, weights_digest(encoder)
     for name, scored in results.items():
         summary = summarise(scored, rows, cols, config.geometry.patch, split, name)
-        _attach_images(scored, samples, config, top)
+        _attach_images(scored, samples, config, overlays)
         extra = {"scorer_options": scorers[name], "seconds_all_scorers": seconds,
                  "encoder_digest": digest, "config": config.to_dict()}
-        write_report(out_dir / f"{split}-{name}", scored, summary, rows, cols, config.geometry.patch, top, extra)
+        write_report(out_dir / f"{split}-{name}", scored, summary, rows, cols, config.geometry.patch, overlays, extra)
         summaries[name] = summary
     return summaries
 
 
-def _attach_images(results: list[ImageResult], samples: list[Sample], config: Config, top: int) -> None:
+def _attach_images(results: list[ImageResult], samples: list[Sample], config: Config, overlays: int) -> None:
     """Reload only the images the overlays show, so memory does not grow with the split."""
     ranked = sorted(zip(results, samples), key=lambda pair: pair[0].score, reverse=True)
-    for result, sample in ranked[:top]:
+    for result, sample in ranked[:overlays]:
         result.image = load_resized(sample, config.geometry, config.preprocess.intensity)
 
 
 def format_summaries(summaries: dict[str, dict]) -> str:
     return "\n\n".join(format_table(summary) for summary in summaries.values())
-
-
-def default_scorer_options(names: list[str], radius: int, k: int, coreset: float | None, top: int) -> dict[str, dict]:
-    options = {"aligned": {"radius": radius, "top": top}, "global": {"k": k, "top": top, "coreset_ratio": coreset},
-               "reference": {}}
-    return {name: options[name] for name in names}
-

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,9 +12,16 @@ from swssl.metrics import pixel_map
 from swssl.names import safe_name
 from swssl.report import save_overlay
 from swssl.results import HEATMAPS
+from swssl.tiling import ImageScore
 
-if TYPE_CHECKING:
-    from swssl.infer import FrameScore
+
+@dataclass
+class Overlay:
+    """What a heatmap is drawn on: the resized frame (factor 1) or a thumbnail of a streamed frame
+    (`factor` pixels of the image the windows were cut from per thumbnail pixel)."""
+
+    image: np.ndarray | None
+    factor: float = 1.0
 
 
 def heatmap_name(path: str, frame: int, frames: int) -> str:
@@ -23,7 +30,8 @@ def heatmap_name(path: str, frame: int, frames: int) -> str:
     return name if frames == 1 else f"{name}-f{frame}"
 
 
-def write_heatmap(out_dir: Path, name: str, result: FrameScore, caption: str) -> dict[str, str]:
+def write_heatmap(out_dir: Path, name: str, result: ImageScore, overlay: Overlay | None,
+                  caption: str) -> dict[str, str]:
     """heatmaps/<name>.npy (the window-score map) and heatmaps/<name>.png (overlay); relative paths."""
     written: dict[str, str] = {}
     if result.window_scores is None:
@@ -37,11 +45,11 @@ def write_heatmap(out_dir: Path, name: str, result: FrameScore, caption: str) ->
 
     atomic_write(folder / f"{name}.npy", save_npy)
     written["score_map"] = f"{HEATMAPS}/{name}.npy"
-    if result.image is not None:
-        image = result.image
-        patch = max(1, round(result.patch))
-        rows = np.minimum(np.floor(result.rows).astype(int), image.shape[0] - patch)
-        cols = np.minimum(np.floor(result.cols).astype(int), image.shape[1] - patch)
+    if overlay is not None and overlay.image is not None and result.windows is not None:
+        image, t, windows = overlay.image, overlay.factor, result.windows
+        patch = max(1, round(windows.patch / t))
+        rows = np.minimum(np.floor(windows.rows / t).astype(int), image.shape[0] - patch)
+        cols = np.minimum(np.floor(windows.cols / t).astype(int), image.shape[1] - patch)
         scored = maps[~np.isnan(maps)]
         low, high = (float(scored.min()), float(scored.max())) if scored.size else (0.0, 1.0)
         high = high if high > low else low + 1.0

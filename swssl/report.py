@@ -68,7 +68,7 @@ def summarise(results: list[ImageResult], rows: np.ndarray, cols: np.ndarray, pa
 
 
 def write_report(out_dir: Path, results: list[ImageResult], summary: dict[str, Any], rows: np.ndarray,
-                 cols: np.ndarray, patch: int, top: int = 8, extra: dict[str, Any] | None = None) -> None:
+                 cols: np.ndarray, patch: int, overlays: int = 8, extra: dict[str, Any] | None = None) -> None:
     """Write eval.json, images.csv, roc.png (both classes only) and heatmaps/ into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def write_report(out_dir: Path, results: list[ImageResult], summary: dict[str, A
         stale.unlink(missing_ok=True)
     if len({r.label for r in results}) == 2:
         _plot_roc(out_dir / "roc.png", results, summary.get("image_auroc"))
-    shown = [r for r in ranked if r.window_scores is not None and r.image is not None][:top]
+    shown = [r for r in ranked if r.window_scores is not None and r.image is not None][:overlays]
     if shown:
         _plot_overlays(out_dir / "heatmaps", shown, rows, cols, patch)
 

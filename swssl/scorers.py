@@ -11,24 +11,46 @@ chunk size (stated per scorer) and not by the bank size.
 - `reference`: the official evaluate.py aggregation, exactly: norms over positions, min over
   training images, max over channels. No per-window map.
 Image score of `aligned` / `global`: the maximum over scored windows, or the mean of the top k.
+
+The interface (`Scorer`) is what the one tiling loop (swssl.tiling) needs: what the scorer
+`needs` ("windows": each foreground window on its own, so a slide of any size is scored batch
+by batch as it streams; "grid": every window of the bank's grid at once), and `start()`, an
+accumulator whose `update(chunk)` takes embedded windows as they come and whose
+`finalize(foreground)` gives the image's `ImageScore`. A new scorer is one class here and its
+row in swssl.registry.SCORERS (its name, command-line options and help).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import ClassVar, Literal, Protocol
 
 import torch
 
 from swssl.bank import MemoryBank
 from swssl.errors import ConfigError
+from swssl.registry import SCORERS, load
+from swssl.tiling import Chunk, ImageScore
 
-SCORERS = ("aligned", "global", "reference")
+Needs = Literal["windows", "grid"]
 
 
-@dataclass
-class ImageScore:
-    score: float
-    window_scores: torch.Tensor | None  # R x C float32 on the CPU, NaN where the window was not scored
+class Accumulator(Protocol):
+    """One image's scoring in progress: embedded windows in (`update`), the image's score out (`finalize`)."""
+
+    def update(self, chunk: Chunk) -> None: ...
+
+    def finalize(self, foreground: torch.Tensor) -> ImageScore: ...
+
+
+class Scorer(Protocol):
+    """What the tiling loop knows of a scorer (see the module docstring)."""
+
+    name: ClassVar[str]
+    needs: ClassVar[Needs]
+    device: torch.device
+    grid: tuple[int, int] | None  # the window grid it compares positions on; None: any grid
+
+    def start(self, grid: tuple[int, int]) -> Accumulator: ...
 
 
 def image_score(window_scores: torch.Tensor, foreground: torch.Tensor, top: int = 1) -> float:
@@ -41,24 +63,89 @@ def image_score(window_scores: torch.Tensor, foreground: torch.Tensor, top: int 
 
 def _result(distances: torch.Tensor, foreground: torch.Tensor, top: int) -> ImageScore:
     window_scores = torch.where(foreground, distances, torch.full_like(distances, float("nan")))
-    return ImageScore(image_score(distances, foreground, top), window_scores.float().cpu())
+    return ImageScore(image_score(distances, foreground, top), window_scores.float().cpu().numpy(),
+                      foreground.cpu().numpy())
 
 
-class AlignedScorer:
+class _WindowByWindow:
+    """Accumulator of a "windows" scorer: each chunk's foreground windows are scored as they arrive."""
+
+    def __init__(self, scorer: GlobalScorer, grid: tuple[int, int]):
+        self.scorer = scorer
+        self.distances = torch.full(grid, float("nan"), device=scorer.device)
+
+    def update(self, chunk: Chunk) -> None:
+        chosen = chunk.foreground
+        if chosen.all():
+            rows, cols, embeddings = chunk.rows, chunk.cols, chunk.embeddings
+        else:
+            rows, cols, embeddings = chunk.rows[chosen], chunk.cols[chosen], chunk.embeddings[chosen]
+        if len(embeddings):
+            device = self.scorer.device
+            self.distances[rows.to(device), cols.to(device)] = self.scorer.score_windows(embeddings)
+
+    def finalize(self, foreground: torch.Tensor) -> ImageScore:
+        return _result(self.distances, foreground.to(self.scorer.device), self.scorer.top)
+
+
+class _WholeGrid:
+    """Accumulator of a "grid" scorer: the windows are gathered into R x C x D, scored at the end."""
+
+    def __init__(self, scorer: AlignedScorer | ReferenceScorer, grid: tuple[int, int]):
+        self.scorer, self.grid = scorer, grid
+        self.embeddings: torch.Tensor | None = None
+
+    def update(self, chunk: Chunk) -> None:
+        rows, cols = self.grid
+        index = chunk.rows * cols + chunk.cols
+        if self.embeddings is None and torch.equal(index, torch.arange(rows * cols, device=index.device)):
+            self.embeddings = chunk.embeddings  # the whole grid at once (an image in memory): used as it is
+            return
+        if self.embeddings is None:
+            self.embeddings = chunk.embeddings.new_zeros(rows * cols, chunk.embeddings.shape[1])
+        self.embeddings[index] = chunk.embeddings
+
+    def finalize(self, foreground: torch.Tensor) -> ImageScore:
+        if self.embeddings is None:
+            raise ConfigError("no window was embedded")
+        return self.scorer.score_grid(self.embeddings.view(*self.grid, -1), foreground)
+
+
+class _Scorer:
+    """What every scorer shares: its accumulator follows from what it needs, and `score` for an image at hand."""
+
+    needs: ClassVar[Needs]
+
+    def start(self, grid: tuple[int, int]) -> Accumulator:
+        return _WholeGrid(self, grid) if self.needs == "grid" else _WindowByWindow(self, grid)
+
+    def score(self, embeddings: torch.Tensor, foreground: torch.Tensor) -> ImageScore:
+        """Score an image whose embeddings (R x C x D) are all at hand, as one chunk through `start()`."""
+        rows, cols = foreground.shape
+        index = torch.arange(rows * cols, device=embeddings.device)
+        state = self.start((rows, cols))
+        state.update(Chunk(index // cols, index % cols, embeddings.reshape(rows * cols, -1),
+                           foreground.reshape(-1).to(embeddings.device)))
+        return state.finalize(foreground)
+
+
+class AlignedScorer(_Scorer):
     """Position-matched nearest neighbour. Memory: chunk x R x C x D x 4 bytes (chunk = bank images per step)."""
 
     name = "aligned"
+    needs: ClassVar[Needs] = "grid"
 
     def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", radius: int = 0, top: int = 1,
                  chunk: int = 16):
         self.device, self.radius, self.top, self.chunk = torch.device(device), radius, top, chunk
+        self.grid = tuple(bank.foreground.shape[1:])
         # R x C x N x D: for each position, its training windows side by side.
         self.bank = bank.embeddings.permute(1, 2, 0, 3).contiguous().to(self.device)
         self.norms = torch.cat([self.bank[:, :, i:i + chunk].float().pow(2).sum(-1)
                                 for i in range(0, self.bank.shape[2], chunk)], dim=2)
 
     @torch.inference_mode()
-    def score(self, embeddings: torch.Tensor, foreground: torch.Tensor) -> ImageScore:
+    def score_grid(self, embeddings: torch.Tensor, foreground: torch.Tensor) -> ImageScore:
         rows, cols, n, _ = self.bank.shape
         if embeddings.shape[:2] != (rows, cols):
             raise ConfigError(f"image grid {tuple(embeddings.shape[:2])} differs from the bank's {(rows, cols)}; "
@@ -83,10 +170,12 @@ class AlignedScorer:
         return _result(best.clamp_min(0).sqrt(), foreground.to(self.device), self.top)
 
 
-class GlobalScorer:
+class GlobalScorer(_Scorer):
     """k nearest bank windows anywhere. Memory: (windows of the image) x (chunk + k) x 4 + chunk x D x 4 bytes."""
 
     name = "global"
+    needs: ClassVar[Needs] = "windows"
+    grid = None
 
     def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", k: int = 1, top: int = 1,
                  coreset_ratio: float | None = None, chunk: int = 8192, seed: int = 0):
@@ -114,14 +203,6 @@ class GlobalScorer:
             return torch.zeros(0, device=self.device)
         return knn_distances(queries, self.bank, self.norms, self.k, self.chunk).mean(-1)
 
-    @torch.inference_mode()
-    def score(self, embeddings: torch.Tensor, foreground: torch.Tensor) -> ImageScore:
-        foreground = foreground.to(self.device)
-        nearest = self.score_windows(embeddings.to(self.device)[foreground])
-        distances = torch.zeros(foreground.shape, device=self.device)
-        distances[foreground] = nearest
-        return _result(distances, foreground, self.top)
-
 
 def knn_distances(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor, k: int,
                   chunk: int = 8192) -> torch.Tensor:
@@ -135,17 +216,19 @@ def knn_distances(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.T
     return best.clamp_min(0).sqrt()
 
 
-class ReferenceScorer:
+class ReferenceScorer(_Scorer):
     """The official evaluate.py score. Memory: chunk x R x C x D x 4 bytes."""
 
     name = "reference"
+    needs: ClassVar[Needs] = "grid"
 
     def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", chunk: int = 8):
         self.device, self.chunk = torch.device(device), chunk
+        self.grid = tuple(bank.foreground.shape[1:])
         self.bank = bank.embeddings.flatten(1, 2).to(self.device)  # N x P x D
 
     @torch.inference_mode()
-    def score(self, embeddings: torch.Tensor, foreground: torch.Tensor) -> ImageScore:
+    def score_grid(self, embeddings: torch.Tensor, foreground: torch.Tensor) -> ImageScore:
         test = embeddings.to(self.device, torch.float32).flatten(0, 1)  # P x D, every window as the official code
         if test.shape[0] != self.bank.shape[1]:
             raise ConfigError("the reference scorer needs images at the run's geometry")
@@ -153,7 +236,7 @@ class ReferenceScorer:
         for start in range(0, len(self.bank), self.chunk):
             d = (self.bank[start:start + self.chunk].float() - test).pow(2).sum(1).sqrt()  # chunk x D
             best = torch.minimum(best, d.amin(0))
-        return ImageScore(best.max().item(), None)
+        return ImageScore(best.max().item(), None, foreground.cpu().numpy())
 
 
 def k_center_greedy(points: torch.Tensor, count: int, projection_dim: int = 128, seed: int = 0,
@@ -176,9 +259,15 @@ def k_center_greedy(points: torch.Tensor, count: int, projection_dim: int = 128,
     return torch.tensor(chosen)
 
 
-def build_scorer(name: str, bank: MemoryBank, device: str | torch.device = "cpu", **options):
-    """The scorer called `name` over `bank`; options are the scorer's keyword arguments."""
-    kinds = {"aligned": AlignedScorer, "global": GlobalScorer, "reference": ReferenceScorer}
+def build_scorer(name: str, bank: MemoryBank, device: str | torch.device = "cpu", **options) -> Scorer:
+    """The scorer called `name` (swssl.registry.SCORERS) over `bank`; options are its keyword arguments."""
+    kinds = {kind.name: kind for kind in SCORERS}
     if name not in kinds:
-        raise ConfigError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
-    return kinds[name](bank, device, **options)
+        raise ConfigError(f"unknown scorer {name!r}; choose from {', '.join(kinds)}")
+    return load(kinds[name].implementation)(bank, device, **options)
+
+
+def scorer_options(names: list[str], **values) -> dict[str, dict]:
+    """Per scorer, the options among `values` (e.g. the command line's) that its registry row declares."""
+    kinds = {kind.name: kind for kind in SCORERS}
+    return {name: {key: values[key] for key in kinds[name].options if key in values} for name in names}

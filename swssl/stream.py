@@ -38,6 +38,8 @@ Dense mode (`geometry.mode = "dense"`, swssl/dense.py): `SlideStream.dense_bands
 strip in bands of window rows instead; each band's slab of rows (with the trunk's halo above and
 below, zero rows past the frame) goes once through the trunk in tiles and its windows pool their
 cells. A band without foreground windows is not run when only foreground windows are scored.
+
+`SlideStream.chunks` is the window source that swssl.tiling's one embed-and-score loop consumes.
 """
 from __future__ import annotations
 
@@ -56,10 +58,11 @@ import torch.nn.functional as F
 from swssl.config import TRUNK_STRIDE, Config
 from swssl.dense import (DEFAULT_TILE, FeatureMap, covered_cells, halo_for, lattice_window_max, pool_windows,
                          tiled_feature_map)
-from swssl.embed import grid_windows
+from swssl.embed import Encode, empty_embedding, grid_windows
 from swssl.errors import ConfigError, ImageReadError
 from swssl.geometry import canvas_shape, grid
 from swssl.readers import ImageReader
+from swssl.tiling import Chunk, WindowGrid
 
 BLOCK_BYTES = 1 << 25  # about 32 MiB of float32 source rows per block read by the prefetch thread
 _DONE = object()
@@ -104,15 +107,17 @@ class WindowBatch:
 class SlideStream:
     """One frame of a reader, streamed as batches of foreground windows (see the module docstring).
 
-    After iterating `batches()` to the end: `foreground` (R x C bool, numpy) tells which windows
+    A `tiling.WindowSource`: `grid` says where the windows lie, `chunks` embeds them. After
+    iterating `batches()`, `dense_bands()` or `chunks()` to the end: `foreground` (R x C bool, numpy) tells which windows
     were encoded, `scored` / `skipped` count them, and `thumbnail` (when `thumbnail_side` was
     given) is the frame downsampled by `thumbnail_factor` (area mean) for overlays.
     """
 
     def __init__(self, reader: ImageReader, frame: int, config: Config, *, scale: float = 1.0,
                  device: str | torch.device = "cpu", prefetch: int = 2, block_rows: int | None = None,
-                 thumbnail_side: int | None = None):
+                 thumbnail_side: int | None = None, batch_size: int = 256, tile: int = DEFAULT_TILE):
         self.reader, self.frame, self.config = reader, frame, config
+        self.batch_size, self.tile = batch_size, tile
         self.k = scale_factor(scale)
         self.scale = 1.0 / self.k
         self.device = torch.device(device)
@@ -120,6 +125,7 @@ class SlideStream:
         self.patch = config.geometry.patch
         self.threshold = float(config.preprocess.foreground_threshold)
         self.rows, self.cols = native_grid(tuple(reader.shape), config, scale)
+        self.grid = WindowGrid(self.rows, self.cols, self.patch, (float(self.k), float(self.k)))
         self.shape = scaled_shape(tuple(reader.shape), scale)
         height, width = self.shape
         self.want_thumbnail = bool(thumbnail_side)
@@ -215,31 +221,15 @@ class SlideStream:
         """Batches of exactly `batch_size` foreground windows (the last one smaller), in row-major order."""
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, not {batch_size}")
-        patch, pool, device = self.patch, self.pool, self.device
-        source = self._blocks()
-        col_blocks = torch.as_tensor(self.cols // pool, device=device)
-        strip = torch.zeros((0, self.shape[1]), device=device)
-        pooled = torch.zeros((0, self.shape[1] // pool), device=device)  # strip max-pooled by `pool` along columns
-        bottom = 0  # scaled rows received so far; the strip holds rows [bottom - len(strip), bottom)
+        patch, pool = self.patch, self.pool
+        strip = _Strip(self._blocks(), self.shape[1], self.device, self.reader.path, pool)
+        col_blocks = torch.as_tensor(self.cols // pool, device=self.device)
         pending: list[WindowBatch] = []
         count = 0
         try:
             for r, y in enumerate(self.rows.tolist()):
-                keep = min(len(strip), bottom - y) if bottom > y else 0  # drop the rows above this row of windows
-                strip, pooled = strip[len(strip) - keep:], pooled[len(pooled) - keep:]
-                while bottom < y + patch:
-                    block = next(source, None)
-                    if block is None:
-                        raise ImageReadError(self.reader.path, "the frame ended before its last row of windows")
-                    bottom += len(block)
-                    skip = max(0, y - (bottom - len(block)))  # rows of a block above the window row (step > patch)
-                    if skip < len(block):
-                        block = block[skip:]
-                        strip = torch.cat([strip, block])
-                        pooled = torch.cat([pooled, block.view(len(block), -1, pool).amax(-1)])
-                top = bottom - len(strip)
-                band = y - top  # the window row's first row in the strip
-                row_max = pooled[band:band + patch].amax(0)  # (W'/pool,)
+                rows, pooled = strip.span(y, y + patch)
+                row_max = pooled.amax(0)  # (W'/pool,)
                 window_max = row_max.unfold(0, patch // pool, 1)[col_blocks].amax(-1)  # (C,)
                 wanted = (window_max > self.threshold).nonzero().squeeze(1)
                 fg_row = np.zeros(len(self.cols), dtype=bool)
@@ -249,9 +239,8 @@ class SlideStream:
                 while start < len(wanted):
                     take = wanted[start:start + batch_size - count]
                     start += len(take)
-                    zeros = torch.zeros_like(take)
-                    windows = grid_windows(strip[band:band + patch], np.zeros(1, dtype=np.int64), self.cols,
-                                           patch, zeros, take)
+                    windows = grid_windows(rows, np.zeros(1, dtype=np.int64), self.cols, patch,
+                                           torch.zeros_like(take), take)
                     pending.append(WindowBatch(torch.full_like(take, r), take, windows))
                     count += len(take)
                     if count == batch_size:
@@ -259,9 +248,9 @@ class SlideStream:
                         pending, count = [], 0
             if pending:
                 yield _concat(pending)
-            self._finish(source)
+            self._finish(strip.blocks)
         finally:
-            source.close()  # stops the prefetch thread now, also when the consumer stopped early
+            strip.blocks.close()  # stops the prefetch thread now, also when the consumer stopped early
 
     @torch.inference_mode()
     def dense_bands(self, feature_map: FeatureMap, tile: int = DEFAULT_TILE,
@@ -282,23 +271,13 @@ class SlideStream:
         halo, stride = halo_for(self.config.model.backbone), TRUNK_STRIDE
         canvas_h, canvas_w = canvas_shape(*self.shape, g)
         per_band = max(1, (tile - 2 * halo - self.patch) // g.step + 1)
-        source = self._blocks()
-        strip = torch.zeros((0, self.shape[1]), device=self.device)
-        bottom = 0  # scaled rows received so far; the strip holds rows [bottom - len(strip), bottom)
+        strip = _Strip(self._blocks(), self.shape[1], self.device, self.reader.path)
         try:
             for r0 in range(0, len(self.rows), per_band):
                 rows = self.rows[r0:r0 + per_band]
                 top, end = max(0, int(rows[0]) - halo), min(canvas_h, int(rows[-1]) + self.patch + halo)
-                while bottom < min(end, self.shape[0]):
-                    block = next(source, None)
-                    if block is None:
-                        raise ImageReadError(self.reader.path, "the frame ended before its last row of windows")
-                    strip = torch.cat([strip, block])
-                    bottom += len(block)
-                strip = strip[max(0, top - (bottom - len(strip))):]  # rows above the slab are done with
-                first = bottom - len(strip)
-                slab = strip[top - first:end - first]
-                slab = F.pad(slab, (0, canvas_w - slab.shape[1], 0, end - top - slab.shape[0]))
+                slab, _ = strip.span(top, min(end, self.shape[0]))
+                slab = F.pad(slab, (0, canvas_w - slab.shape[1], 0, end - top - slab.shape[0]))  # zeros past the frame
                 local = rows - top
                 foreground = lattice_window_max(slab, local, self.cols, self.patch, stride) > self.threshold
                 self.foreground[r0:r0 + len(rows)] = foreground.cpu().numpy()
@@ -309,9 +288,68 @@ class SlideStream:
                     cells = tiled_feature_map(feature_map, slab, halo, tile, stride, wanted)
                     embeddings = pool_windows(cells, local, self.cols, self.patch, stride)
                 yield DenseBand(r0, embeddings, foreground)
-            self._finish(source)
+            self._finish(strip.blocks)
         finally:
-            source.close()
+            strip.blocks.close()
+
+    def chunks(self, encode: Encode, every_window: bool) -> Iterator[Chunk]:
+        """The frame's embedded windows for swssl.tiling: foreground windows per encoder batch (exact
+        mode) or per band (dense mode); with `every_window`, the background windows too (exact mode:
+        the all-zero window's embedding, after the last batch)."""
+        if self.config.geometry.mode == "dense":
+            with contextlib.closing(self.dense_bands(encode.feature_map, self.tile,
+                                                     skip_background=not every_window)) as bands:
+                for band in bands:
+                    if band.embeddings is None:
+                        continue
+                    chosen = torch.ones_like(band.foreground) if every_window else band.foreground
+                    where = chosen.nonzero()
+                    yield Chunk(where[:, 0] + band.first_row, where[:, 1], band.embeddings[chosen],
+                                band.foreground[chosen])
+            return
+        with contextlib.closing(self.batches(self.batch_size)) as batches:
+            for batch in batches:
+                yield Chunk(batch.rows, batch.cols, encode(batch.windows).float(),
+                            torch.ones_like(batch.rows, dtype=torch.bool))
+        background = torch.as_tensor(~self.foreground, device=self.device).nonzero()
+        if every_window and len(background):
+            empty = empty_embedding(encode, self.patch, self.device)
+            yield Chunk(background[:, 0], background[:, 1], empty.expand(len(background), -1),
+                        torch.zeros(len(background), dtype=torch.bool, device=self.device))
+
+
+class _Strip:
+    """A rolling strip of the frame's scaled rows on the device, filled from the blocks in order.
+
+    `span(top, end)` drops the rows above `top`, receives blocks until row `end` is in, and gives
+    rows [top, end) (with `pool`, also their maxima over column groups of `pool`, kept beside the
+    strip for the foreground test). The strip never holds rows above the last `top` asked for.
+    """
+
+    def __init__(self, blocks: Iterator[torch.Tensor], width: int, device: torch.device, path, pool: int = 1):
+        self.blocks, self.path, self.pool = blocks, path, pool
+        self.rows = torch.zeros((0, width), device=device)
+        self.pooled = torch.zeros((0, width // pool), device=device)
+        self.bottom = 0  # scaled rows received so far; the strip holds rows [bottom - len(rows), bottom)
+
+    def span(self, top: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = min(len(self.rows), self.bottom - top) if self.bottom > top else 0
+        self.rows, self.pooled = self.rows[len(self.rows) - keep:], self.pooled[len(self.pooled) - keep:]
+        while self.bottom < end:
+            block = next(self.blocks, None)
+            if block is None:
+                raise ImageReadError(self.path, "the frame ended before its last row of windows")
+            self.bottom += len(block)
+            skip = max(0, top - (self.bottom - len(block)))  # rows of a block above `top` (step > patch)
+            if skip < len(block):
+                block = block[skip:]
+                self.rows = torch.cat([self.rows, block])
+                if self.pool > 1:
+                    self.pooled = torch.cat([self.pooled, block.view(len(block), -1, self.pool).amax(-1)])
+                else:
+                    self.pooled = self.rows
+        first = self.bottom - len(self.rows)
+        return self.rows[top - first:end - first], self.pooled[top - first:end - first]
 
 
 @dataclass
@@ -329,107 +367,3 @@ def _concat(parts: list[WindowBatch]) -> WindowBatch:
         return parts[0]
     return WindowBatch(torch.cat([p.rows for p in parts]), torch.cat([p.cols for p in parts]),
                        torch.cat([p.windows for p in parts]))
-
-
-def _encoded_windows(stream: SlideStream, encode, batch_size: int, dense: bool,
-                     skip_background: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(grid rows, grid columns, float32 embeddings) of the frame's windows as they are encoded:
-    foreground windows in batches (exact mode), or bands of window rows (dense mode: their
-    foreground windows, or all of them when `skip_background` is False)."""
-    if not dense:
-        with contextlib.closing(stream.batches(batch_size)) as batches:  # closed now: stops the prefetch thread
-            for batch in batches:
-                yield batch.rows, batch.cols, encode(batch.windows).float()
-        return
-    with contextlib.closing(stream.dense_bands(encode.feature_map, skip_background=skip_background)) as bands:
-        for band in bands:
-            if band.embeddings is None:
-                continue
-            chosen = band.foreground if skip_background else torch.ones_like(band.foreground)
-            where = chosen.nonzero()
-            yield where[:, 0] + band.first_row, where[:, 1], band.embeddings[chosen]
-
-
-@dataclass
-class NativeScore:
-    """A frame scored in native geometry. Window positions are in pixels of the scaled frame."""
-
-    score: float
-    window_scores: np.ndarray | None  # R x C float32, NaN = background (not scored); None: scorer has no map
-    foreground: np.ndarray  # R x C bool
-    rows: np.ndarray
-    cols: np.ndarray
-    patch: int
-    scale: float
-    shape: tuple[int, int]  # the scaled frame, H' x W'
-    scored: int
-    skipped: int
-    thumbnail: np.ndarray | None  # the scaled frame downsampled by thumbnail_factor, or None
-    thumbnail_factor: int
-
-
-def score_native(reader: ImageReader, frame: int, encode, scorer, config: Config, *, scale: float = 1.0,
-                 batch_size: int = 256, device: str | torch.device | None = None, prefetch: int = 2,
-                 block_rows: int | None = None, thumbnail_side: int | None = None,
-                 bank_grid: tuple[int, int] | None = None, progress=None) -> NativeScore:
-    """Score one frame window by window as it streams in (see the module docstring).
-
-    `encode` maps N x 1 x P x P windows on `device` to N x D embeddings (a backend, or the encoder);
-    `scorer` is a built scorer. A per-window scorer (`global`: `score_windows`) scores each batch as
-    soon as it is encoded, so nothing of size R x C x D is ever held. Scorers that compare grid
-    positions (`aligned`, `reference`) need the run's own grid: with `bank_grid` (the bank's R x C)
-    a different slide grid is refused before any pixel is read; when it matches, the embeddings
-    are gathered into R x C x D (background windows get the all-zero window's embedding, as
-    `embed.embed_image` does) and scored as in swssl-eval.
-    In dense mode `encode.feature_map` runs over bands of the frame (`SlideStream.dense_bands`).
-    `progress(encoded)` is called after every batch with the number of windows encoded so far.
-    """
-    device = torch.device(device if device is not None else getattr(encode, "device", "cpu"))
-    stream = SlideStream(reader, frame, config, scale=scale, device=device, prefetch=prefetch,
-                         block_rows=block_rows, thumbnail_side=thumbnail_side)
-    rows, cols = len(stream.rows), len(stream.cols)
-    per_window = hasattr(scorer, "score_windows")
-    if not per_window and bank_grid is not None and tuple(bank_grid) != (rows, cols):
-        raise ConfigError(f"the {getattr(scorer, 'name', 'chosen')} scorer compares each window with the bank's "
-                          f"windows at the same grid position, so it needs the run's {bank_grid[0]} x "
-                          f"{bank_grid[1]} grid; this frame in native geometry has a {rows} x {cols} grid: "
-                          "use --scorer global, or the run's resize geometry (no --scale)")
-    dense = config.geometry.mode == "dense"
-    encoded = 0
-    with torch.inference_mode():
-        if per_window:
-            distances = torch.full((rows, cols), float("nan"), device=scorer.device)
-        # Exact mode: background windows keep the all-zero window's embedding (as embed.embed_image);
-        # dense mode embeds every window when the scorer needs them all (allocated at the first band).
-        embeddings = None if per_window or dense else \
-            encode(torch.zeros(1, 1, stream.patch, stream.patch, device=device)).float().expand(rows * cols, -1).clone()
-        windows = _encoded_windows(stream, encode, batch_size, dense, skip_background=per_window)
-        try:
-            for window_rows, window_cols, features in windows:
-                if per_window:
-                    distances[window_rows.to(scorer.device), window_cols.to(scorer.device)] = \
-                        scorer.score_windows(features)
-                else:
-                    if embeddings is None:
-                        embeddings = features.new_zeros(rows * cols, features.shape[1])
-                    embeddings[window_rows * cols + window_cols] = features
-                encoded += len(features)
-                if progress is not None:
-                    progress(encoded)
-        finally:
-            windows.close()  # stops the prefetch thread now, also when encoding failed
-        if per_window:
-            from swssl.scorers import image_score
-
-            foreground = torch.as_tensor(stream.foreground, device=scorer.device)
-            score = image_score(distances, foreground, getattr(scorer, "top", 1))
-            window_scores = distances.cpu().numpy()
-        else:
-            result = scorer.score(embeddings.view(rows, cols, -1), torch.as_tensor(stream.foreground))
-            score = result.score
-            window_scores = None if result.window_scores is None else result.window_scores.numpy()
-    if window_scores is not None:
-        window_scores = window_scores.astype(np.float32, copy=False)
-    return NativeScore(float(score), window_scores, stream.foreground,
-                       stream.rows, stream.cols, stream.patch, stream.scale, stream.shape, stream.scored,
-                       stream.skipped, stream.thumbnail, stream.thumbnail_factor)

@@ -15,7 +15,8 @@ from swssl.checkpoint import load_checkpoint, load_encoder, save_checkpoint
 from swssl.errors import ConfigError
 from swssl.export import verify
 from swssl.export.errors import ArtifactMismatch
-from swssl.export.manifest import check_manifest, sha256_file
+from swssl.export.manifest import check_manifest
+from swssl.files import sha256_file
 from swssl.export.tiny import ensure_exports, make_tiny_run
 
 BATCH = "1,4,16"

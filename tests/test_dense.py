@@ -14,7 +14,8 @@ from swssl import cli
 from swssl.bank import BankMismatchError, MemoryBank, bank_file
 from swssl.checkpoint import save_checkpoint
 from swssl.config import load_preset
-from swssl.dense import embed_dense, halo_for, receptive_field, tiled_feature_map
+from swssl.backbones import receptive_field
+from swssl.dense import embed_dense, halo_for, tiled_feature_map
 from swssl.embed import embed_image
 from swssl.errors import ConfigError, SwsslError
 from swssl.geometry import canvas_shape, grid
@@ -22,7 +23,8 @@ from swssl.metrics import pixel_map
 from swssl.model import build_encoder
 from swssl.readers import open_image
 from swssl.scorers import AlignedScorer, GlobalScorer
-from swssl.stream import SlideStream, score_native
+from swssl.stream import SlideStream
+from swssl.tiling import ImageScore, WindowGrid, score_source
 
 
 def dense_config(height: int = 256, width: int = 192, patch: int = 64, step: int = 32, policy: str = "cover"):
@@ -42,6 +44,13 @@ def texture(shape: tuple[int, int], seed: int) -> np.ndarray:
 def resnet18():
     torch.manual_seed(0)
     return build_encoder(dense_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def mobilenet_v2():
+    """Inverted residual blocks, depthwise convolutions, identity shortcuts: not a ResNet."""
+    torch.manual_seed(0)
+    return build_encoder(dense_config().override({"model": {"backbone": "mobilenet_v2"}})).eval()
 
 
 def per_pixel_encoder(config) -> nn.Module:
@@ -88,18 +97,19 @@ def test_canvas_and_grid(size, policy, canvas, starts):
     assert rows[-1] + 64 <= canvas[0] and cols[-1] + 64 <= canvas[1]
 
 
-def test_receptive_field_matches_the_gradient_of_one_cell():
-    """The analytic field of resnet18 equals where the input gradient of one cell is non-zero."""
-    torch.manual_seed(0)
-    encoder = build_encoder(dense_config()).eval()
+@pytest.mark.parametrize("backbone, expected", [("resnet18", (435, 32, -217, 224)),
+                                                ("mobilenet_v2", (491, 32, -245, 256))])
+def test_receptive_field_matches_the_gradient_of_one_cell(request, backbone, expected):
+    """The analytic field of the trunk equals where the input gradient of one cell is non-zero."""
+    encoder = request.getfixturevalue(backbone)
     field = receptive_field(encoder.trunk)
-    assert (field.size, field.stride, field.start, field.halo) == (435, 32, -217, 224)
-    assert halo_for("resnet18") == 224 and halo_for("wide_resnet50_2") == 224
-    image = torch.rand(1, 1, 1024, 1024, requires_grad=True)
-    encoder.feature_map(image)[0, :, 16, 16].sum().backward()
+    assert (field.size, field.stride, field.start, field.halo) == expected
+    assert halo_for(backbone) == field.halo and halo_for("wide_resnet50_2") == 224
+    image = torch.rand(1, 1, 768, 768, requires_grad=True)  # cell 12's field lies inside it for both trunks
+    encoder.feature_map(image)[0, :, 12, 12].sum().backward()
     rows = image.grad[0, 0].abs().sum(1).nonzero().ravel()
     cols = image.grad[0, 0].abs().sum(0).nonzero().ravel()
-    expected = (16 * 32 + field.start, 16 * 32 + field.start + field.size - 1)
+    expected = (12 * 32 + field.start, 12 * 32 + field.start + field.size - 1)
     assert (rows.min().item(), rows.max().item()) == expected
     assert (cols.min().item(), cols.max().item()) == expected
 
@@ -123,13 +133,14 @@ def test_per_pixel_trunk_dense_equals_exact_and_float64(size):
     np.testing.assert_allclose(tiled.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tile", [96, 160])
-def test_stitched_tiles_equal_the_whole_image_map(resnet18, tile):
+@pytest.mark.parametrize("backbone, tile", [("resnet18", 96), ("resnet18", 160), ("mobilenet_v2", 160)])
+def test_stitched_tiles_equal_the_whole_image_map(request, backbone, tile):
+    encoder = request.getfixturevalue(backbone)
     image = torch.from_numpy(texture((640, 480), 1))
     with torch.inference_mode():
-        whole = resnet18.feature_map(image[None, None])[0]
-        stitched = tiled_feature_map(resnet18.feature_map, image, halo_for("resnet18"), tile)
-        short_halo = tiled_feature_map(resnet18.feature_map, image, 64, tile)
+        whole = encoder.feature_map(image[None, None])[0]
+        stitched = tiled_feature_map(encoder.feature_map, image, halo_for(backbone), tile)
+        short_halo = tiled_feature_map(encoder.feature_map, image, 64, tile)
     scale = whole.abs().max().item()
     assert (stitched - whole).abs().max().item() < 1e-5 * scale
     assert (short_halo - whole).abs().max().item() > 1e-2 * scale  # the halo is needed: the check can fail
@@ -184,9 +195,9 @@ def test_native_dense_scores_equal_scoring_in_memory(tmp_path, resnet18):
     embeddings, foreground = embed_image(resnet18, slide, config)
     with open_image(tmp_path / "slide.npy") as reader:
         for scorer in (GlobalScorer(bank, k=2), AlignedScorer(bank, radius=1)):
-            streamed = score_native(reader, 0, resnet18, scorer, config, bank_grid=(7, 5))
+            streamed = score_source(SlideStream(reader, 0, config), resnet18, {"s": scorer})["s"]
             expected = scorer.score(embeddings, foreground)
-            np.testing.assert_allclose(streamed.window_scores, expected.window_scores.numpy(), rtol=1e-4,
+            np.testing.assert_allclose(streamed.window_scores, expected.window_scores, rtol=1e-4,
                                        equal_nan=True)
             assert streamed.scored == int(foreground.sum())
 
@@ -262,9 +273,8 @@ def test_invalid_dense_geometry_is_one_line_error(tmp_path):
 
 def test_top_window_is_clipped_to_the_frame():
     """A dense window reaching into the padding is reported within the frame (source pixels, scale 1/2)."""
-    from swssl.infer import FrameScore, _top_window
-
     scores = np.array([[0.1, 0.2], [0.3, 0.9]], np.float32)
-    result = FrameScore(0.9, scores, 4, 0, (2, 2), None, np.array([0, 32]), np.array([0, 32]), 64, (2.0, 2.0))
-    assert _top_window(result, (150, 140)) == {"y": 64, "x": 64, "height": 86, "width": 76}
-    assert _top_window(result, (400, 400)) == {"y": 64, "x": 64, "height": 128, "width": 128}
+    windows = WindowGrid(np.array([0, 32]), np.array([0, 32]), 64, (2.0, 2.0))
+    result = ImageScore(0.9, scores, np.ones((2, 2), bool), windows)
+    assert result.top_window((150, 140)) == {"y": 64, "x": 64, "height": 86, "width": 76}
+    assert result.top_window((400, 400)) == {"y": 64, "x": 64, "height": 128, "width": 128}

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from swssl.checkpoint import load_encoder, weights_digest
 from swssl.export import cli, verify
 from swssl.export.graph import GraphSpec
-from swssl.export.manifest import FORMAT, read_manifest, sha256_file
+from swssl.export.manifest import FORMAT, read_manifest
+from swssl.files import sha256_file
 from swssl.export.onnx_export import check_onnx, export_onnx
 from swssl.export.profile import BatchProfile
 from swssl.export.tiny import ensure_exports, make_tiny_run
@@ -162,7 +163,7 @@ def test_external_data_is_written_hashed_and_checked(tiny, tmp_path):
     from swssl.export.pipeline import ExportRequest, export_run
 
     run, data = tiny
-    request = ExportRequest(onnx=True, batch=BatchProfile.parse(BATCH), out=tmp_path, data=data,
+    request = ExportRequest(kinds=("onnx",), batch=BatchProfile.parse(BATCH), out=tmp_path, data=data,
                             external_data_threshold=0)
     export_run(run, request, echo=lambda text: None)
     manifest = read_manifest(tmp_path / "onnx")

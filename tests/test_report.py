@@ -77,7 +77,7 @@ def test_write_report_files(tmp_path):
     results[2].image = None  # no overlay for it
     summary = summarise(results, rows, cols, PATCH, "test", "aligned")
     out = tmp_path / "report"
-    write_report(out, results, summary, rows, cols, PATCH, top=4, extra={"epoch": np.int64(7)})
+    write_report(out, results, summary, rows, cols, PATCH, overlays=4, extra={"epoch": np.int64(7)})
 
     data = json.loads((out / "eval.json").read_text())
     assert data["image_auroc"] == pytest.approx(roc_auc_score([r.label for r in results],
@@ -114,7 +114,7 @@ def test_write_report_single_class_and_no_maps(tmp_path):
     (tmp_path / "heatmaps").mkdir()
     for stale in ("roc.png", "heatmaps/01-old.png"):  # left by an earlier two-class report
         (tmp_path / stale).write_bytes(b"old")
-    write_report(tmp_path, results, summary, rows, cols, PATCH, top=8)
+    write_report(tmp_path, results, summary, rows, cols, PATCH, overlays=8)
     assert not (tmp_path / "roc.png").exists() and not (tmp_path / "heatmaps/01-old.png").exists()
     assert json.loads((tmp_path / "eval.json").read_text())["image_auroc"] is None
     with open(tmp_path / "images.csv", newline="") as handle:

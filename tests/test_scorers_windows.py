@@ -35,6 +35,7 @@ def test_score_maps_the_per_window_scores_of_foreground_windows():
     foreground[0, :2] = False
     result = scorer.score(test, foreground)
     alone = scorer.score_windows(test[foreground])
-    torch.testing.assert_close(result.window_scores[foreground], alone)
-    assert result.window_scores[~foreground].isnan().all()
+    window_scores = torch.from_numpy(result.window_scores)
+    torch.testing.assert_close(window_scores[foreground], alone)
+    assert window_scores[~foreground].isnan().all()
     assert result.score == pytest.approx(alone.topk(2).values.mean().item())

@@ -22,7 +22,8 @@ from swssl.geometry import grid, window_max
 from swssl.model import build_encoder
 from swssl.readers import open_image
 from swssl.scorers import AlignedScorer, GlobalScorer, ReferenceScorer
-from swssl.stream import SlideStream, scale_factor, score_native
+from swssl.stream import SlideStream, scale_factor
+from swssl.tiling import score_source
 
 
 def config_for(patch: int, step: int, policy: str = "cover", threshold: float = 0.0, height: int = 128,
@@ -127,14 +128,14 @@ def test_native_score_map_equals_scoring_the_array_in_memory(tmp_path, encoder, 
     bank = foreign_bank(encoder, config)
     scorer = GlobalScorer(bank, k=2, top=3)
     with open_image(tmp_path / "slide.tif") as reader:
-        streamed = score_native(reader, 0, encoder, scorer, config, scale=scale, batch_size=64)
+        streamed = score_source(SlideStream(reader, 0, config, scale=scale, batch_size=64), encoder, {"s": scorer})["s"]
         whole = torch.from_numpy(reader.read())
     del image
     k = scale_factor(scale)
     whole = F.avg_pool2d(whole[None, None], k)[0, 0] if k > 1 else whole
     embeddings, foreground = embed_image(encoder, whole, config, batch_size=64)
     expected = scorer.score(embeddings, foreground)
-    expected_map = expected.window_scores.numpy()
+    expected_map = expected.window_scores
     assert streamed.window_scores.shape == expected_map.shape
     np.testing.assert_array_equal(np.isnan(streamed.window_scores), np.isnan(expected_map))
     np.testing.assert_allclose(streamed.window_scores, expected_map, rtol=1e-5, equal_nan=True)
@@ -152,11 +153,11 @@ def test_aligned_in_native_needs_the_runs_grid(tmp_path, encoder):
     with open_image(tmp_path / "same.npy") as reader:  # the run's own size: the same as swssl-eval
         embeddings, foreground = embed_image(encoder, reader.read(), config, batch_size=16)
         for scorer in (AlignedScorer(bank, radius=1), ReferenceScorer(bank)):
-            streamed = score_native(reader, 0, encoder, scorer, config, batch_size=16, bank_grid=(7, 5))
+            streamed = score_source(SlideStream(reader, 0, config, batch_size=16), encoder, {"s": scorer})["s"]
             expected = scorer.score(embeddings, foreground)
             assert streamed.score == pytest.approx(expected.score, rel=1e-5)
     with open_image(tmp_path / "bigger.npy") as reader, pytest.raises(ConfigError, match="needs the run's 7 x 5 grid"):
-        score_native(reader, 0, encoder, AlignedScorer(bank), config, bank_grid=(7, 5))
+        score_source(SlideStream(reader, 0, config), encoder, {"aligned": AlignedScorer(bank)})
 
 
 def test_scale_must_be_one_over_a_whole_number():
