@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import torch
 
-from swssl.backbones import BACKBONES
+from swssl.model.backbones import BACKBONES
 from swssl.bench import session
 from swssl.cli import friendly_errors
 from swssl.device import parse_device

@@ -34,7 +34,7 @@ def flops_per_window(encoder: torch.nn.Module, patch: int) -> int:
 def dense_flops_per_window(encoder: torch.nn.Module, config: Any) -> int:
     """Dense mode's FLOPs per window: one trunk pass over a slice of the configured size (its dense canvas),
     divided by the windows of its grid."""
-    from swssl.geometry import canvas_shape, grid
+    from swssl.windows.geometry import canvas_shape, grid
 
     g = config.with_mode("dense").geometry
     rows, cols = grid(g)

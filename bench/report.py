@@ -19,13 +19,13 @@ HOW = """\
   where it matters), wall-clock time with the device synchronised before and after each repetition.
 - Encoder throughput: windows/s of one backend call on a batch of real foreground windows (cut from the
   training images) already on the device; host-to-device copies are not in it (they are end to end).
-- End to end: `swssl.infer.run_inference`, what `swssl-infer` runs: read each slice, resize it to the run's
+- End to end: `swssl.inference.runner.run_inference`, what `swssl-infer` runs: read each slice, resize it to the run's
   geometry, cut the windows on the device, skip background windows, encode, score against the memory bank
   (aligned scorer), write scores.csv/jsonl. One slide first as warm-up; model loading timed apart. Seconds
   per slide are the runner's own per-slide times; slides/s and windows/s are over the whole call.
 - Native slide: the same runner on one large generated slide at scale 1 (native geometry, strips streamed
   from a memory-mapped .npy, global scorer), on the fastest end-to-end path (of each mode).
-- Dense mode (paths named "... dense"; swssl/dense.py): the trunk runs once over the slice and every window
+- Dense mode (paths named "... dense"; swssl/windows/dense.py): the trunk runs once over the slice and every window
   pools the feature cells it covers. Its "encoder" number is windows/s of embedding one whole slice
   already on the device (trunk pass, pooling and foreground test; every window of the grid, background
   included), so it compares with the exact paths' best batch. FLOPs per window = one trunk pass over the

@@ -161,7 +161,7 @@ class Session:
 
 def unavailable(kind: str, device: torch.device) -> str | None:
     """Why a backend kind cannot be measured here (None: it can)."""
-    from swssl.backends import _runtime_problem
+    from swssl.inference.backends import _runtime_problem
 
     if kind not in BACKENDS:
         return f"unknown backend (choose from {', '.join(BACKENDS)})"
@@ -276,7 +276,7 @@ def run_backbone(session: Session, backbone: str, paths: list[OurPath], images: 
                                                        lambda: flops.dense_flops_per_window(run_.encoder, run_.config))
 
     def official() -> dict[str, Any]:
-        from swssl.datasets import load_resized
+        from swssl.data.datasets import load_resized
 
         image = load_resized(images.slides[0], g, run_.config.preprocess.intensity)
         return suites.official_way(run_.encoder, image, run_.config, device, windows=options.official_windows,

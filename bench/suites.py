@@ -16,7 +16,7 @@ from swssl.registry import TORCH_BACKENDS
 from swssl.bench.memory import PeakMemory
 from swssl.bench.timing import measure
 from swssl.bench.workload import Run
-from swssl.run import open_run
+from swssl.inference.run import open_run
 
 # Backend kinds as the bench names them -> the kind load_backend / open_run take.
 
@@ -28,7 +28,7 @@ def path_label(kind: str, precision: str, mode: str = "exact") -> str:
 
 def open_backend(run: Run, kind: str, precision: str, device: torch.device, mode: str = "exact"):
     """The backend for one path: the encoder itself for torch kinds, else the run's verified export of that mode."""
-    from swssl.backends import TorchBackend, load_backend
+    from swssl.inference.backends import TorchBackend, load_backend
 
     if kind in TORCH_BACKENDS:
         return TorchBackend(run.fresh_encoder(), device, compile=kind == "torch-compiled", precision=precision)
@@ -37,7 +37,7 @@ def open_backend(run: Run, kind: str, precision: str, device: torch.device, mode
 
 def first_slice(run: Run, images: Any) -> np.ndarray:
     """The first benchmark slice at the run's geometry (what the runner embeds in resize geometry)."""
-    from swssl.datasets import load_resized
+    from swssl.data.datasets import load_resized
 
     return load_resized(images.slides[0], run.config.geometry, run.config.preprocess.intensity)
 
@@ -69,8 +69,8 @@ def dense_throughput(backend: Any, image: np.ndarray, config: Any, device: torch
                      repeats: int, min_seconds: float) -> dict[str, Any]:
     """Windows/s of dense embedding: one slice (already on the device) through `backend.feature_map` (in
     tiles when large), every window of its grid pooled from the cells, the foreground test included."""
-    from swssl.dense import embed_dense
-    from swssl.geometry import grid
+    from swssl.windows.dense import embed_dense
+    from swssl.windows.geometry import grid
 
     pixels = torch.as_tensor(image, dtype=torch.float32).to(device)
     rows, cols = grid(config.geometry, *pixels.shape)
@@ -93,7 +93,7 @@ def official_way(encoder: torch.nn.Module, image: np.ndarray, config: Any, devic
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
 
-    from swssl.geometry import window_starts
+    from swssl.windows.geometry import window_starts
 
     g = config.geometry
     rows = window_starts(g.height, g.patch, g.step, "reference")
@@ -125,7 +125,7 @@ def end_to_end(run: Run, slides: list[Path], kind: str, precision: str, device: 
     """swssl-infer's runner (`run_inference`, the run's resize geometry, aligned scorer) over `slides`, after
     a warm-up slide. Model loading is timed apart; slides/s is over the whole call (reading, resizing,
     windows, encoding, scoring, result files); seconds per slide are the runner's own per-slide times."""
-    from swssl.infer import choose_settings, read_results, run_inference
+    from swssl.inference.runner import choose_settings, read_results, run_inference
 
     started = time.perf_counter()
     model = open_run(run.folder, kind, device, precision, mode)
@@ -145,7 +145,7 @@ def end_to_end(run: Run, slides: list[Path], kind: str, precision: str, device: 
 def native_slide(run: Run, slide: Path, kind: str, precision: str, device: torch.device, batch: int,
                  out: Path, mode: str = "exact") -> dict[str, Any]:
     """One large slide through the runner's native streaming path (scale 1, global scorer, background skipped)."""
-    from swssl.infer import choose_settings, read_results, run_inference
+    from swssl.inference.runner import choose_settings, read_results, run_inference
 
     model = open_run(run.folder, kind, device, precision, mode)
     settings = choose_settings(model.config, None, None, 1.0, batch, False)

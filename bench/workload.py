@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from swssl.config import Config, load_preset
-from swssl.model import PatchEncoder
+from swssl.model.encoder import PatchEncoder
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEMO_DATA = Path("data/demo")
@@ -31,7 +31,7 @@ SMOKE_GEOMETRY = {"height": 128, "width": 96, "patch": 32, "step": 32}  # dense 
 
 
 def ensure_tqdm() -> bool:
-    """swssl.bank and the runner import tqdm for progress bars, which a bare GPU machine may lack.
+    """swssl.scoring.bank and the runner import tqdm for progress bars, which a bare GPU machine may lack.
 
     A silent stand-in (iterates, ignores the bar) keeps them importable there; returns True when
     it was installed. Where tqdm exists nothing changes.
@@ -105,7 +105,7 @@ def choose_images(source: str, work: Path, slides: int, bank: int, height: int, 
     if source == "demo":
         folder = demo_data_available()
         if folder is None:
-            from swssl.demo_data import build_demo_data
+            from swssl.data.demo import build_demo_data
 
             folder = build_demo_data(work / "demo-data").parent
         note = (f"the first {slides} test slices of the demo data ({folder}: real CBIS-DDSM mammograms at the "
@@ -116,7 +116,7 @@ def choose_images(source: str, work: Path, slides: int, bank: int, height: int, 
 
 
 def _from_dataset(folder: Path, slides: int, bank: int, source: str, note: str) -> Images:
-    from swssl.datasets import discover, select
+    from swssl.data.datasets import discover, select
 
     samples = discover(folder)
     normal = select(samples, "train", label=0)
@@ -144,11 +144,11 @@ class Run:
 def make_run(folder: Path, backbone: str, images: Images, device: torch.device, geometry: dict[str, int] | None = None,
              batch_size: int = 256, seed: int = 0, modes: tuple[str, ...] | list[str] = ("exact",)) -> Run:
     """A run directory with a random-weight encoder checkpoint and a memory bank of `images.bank` per geometry mode."""
-    from swssl.backends import TorchBackend
-    from swssl.bank import bank_file, build_bank
-    from swssl.checkpoint import CHECKPOINT, save_checkpoint, weights_digest
-    from swssl.datasets import Sample
-    from swssl.model import build_encoder
+    from swssl.inference.backends import TorchBackend
+    from swssl.scoring.bank import bank_file, build_bank
+    from swssl.model.checkpoint import CHECKPOINT, save_checkpoint, weights_digest
+    from swssl.data.datasets import Sample
+    from swssl.model.encoder import build_encoder
 
     started = time.perf_counter()
     overrides: dict[str, Any] = {"name": f"bench-{backbone}", "model": {"backbone": backbone, "weights": "none"}}

@@ -21,7 +21,7 @@ import torch
 
 from swssl.export.errors import ExportError
 from swssl.export.graph import GraphSpec
-from swssl.model import PatchEncoder
+from swssl.model.encoder import PatchEncoder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

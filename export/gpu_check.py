@@ -74,7 +74,7 @@ class Report:
 
 
 def run_checks(report: Report, work: Path, precisions: list[str], device: torch.device) -> None:
-    from swssl import backends
+    from swssl.inference import backends
     from swssl.export import verify as verification
     from swssl.export.errors import VerificationError
     from swssl.export.graph import GraphSpec
@@ -202,7 +202,7 @@ def _fresh(source):
 
 def timing(report: Report, run: Path, source, device: torch.device, precisions: list[str]) -> None:
     """Windows per second at batch 64 and 256 (128 px), each backend warmed up first."""
-    from swssl import backends
+    from swssl.inference import backends
 
     report.line()
     report.line(f"## Throughput on {device} (windows/s, resnet18, 128 px windows)")

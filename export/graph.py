@@ -3,7 +3,7 @@
 - exact: raw windows N x 1 x P x P in, embeddings N x D out ("windows" -> "embeddings"), P fixed.
 - dense: raw images or tiles N x 1 x H x W in (H, W multiples of the trunk's stride), the trunk's
   feature cells N x D x H/32 x W/32 out ("images" -> "cells"), H and W dynamic. Windows are
-  pooled from the cells in torch (swssl/dense.py), never inside the graph: tiles are stitched at
+  pooled from the cells in torch (swssl/windows/dense.py), never inside the graph: tiles are stitched at
   the cell level, so a window straddling a tile border is pooled from cells of both tiles.
 
 Dense artifacts are built for image sides from one stride to a whole tile with its halos
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from swssl.config import TRUNK_STRIDE, Config
-from swssl.dense import DEFAULT_TILE, halo_for
+from swssl.windows.dense import DEFAULT_TILE, halo_for
 from swssl.export.profile import BatchProfile
-from swssl.model import PatchEncoder
+from swssl.model.encoder import PatchEncoder
 
 INPUT, OUTPUT = "windows", "embeddings"
 DENSE_INPUT, DENSE_OUTPUT = "images", "cells"

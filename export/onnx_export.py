@@ -24,7 +24,7 @@ import torch
 
 from swssl.export.errors import ExportError, MissingRequirement
 from swssl.export.graph import GraphSpec, io_names, named_axes
-from swssl.model import PatchEncoder
+from swssl.model.encoder import PatchEncoder
 
 DEFAULT_OPSET = 18
 PROTOBUF_LIMIT = 2 * 1024**3  # a single ONNX protobuf cannot exceed 2 GB

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from swssl.registry import ARTIFACTS, BY_NAME, ArtifactKind
-from swssl.checkpoint import BEST, CHECKPOINT, encoder_from_state, load_checkpoint, weights_digest
+from swssl.model.checkpoint import BEST, CHECKPOINT, encoder_from_state, load_checkpoint, weights_digest
 from swssl.config import Config
 from swssl.device import parse_device
 from swssl.export import verify as verification
@@ -38,7 +38,7 @@ from swssl.files import sha256_file
 from swssl.export.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD
 from swssl.export.profile import DEFAULT_BATCH, DEFAULT_DENSE_BATCH, BatchProfile
 from swssl.export.verify import Probe
-from swssl.model import PatchEncoder
+from swssl.model.encoder import PatchEncoder
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 CALIBRATION_WINDOWS = 512
@@ -205,7 +205,7 @@ Made = list[tuple[str, Path, str | None]]
 def export_onnx_artifact(source: Source, out: Path, request: ExportRequest, device: torch.device, probe: Probe,
                          echo) -> Made:
     """The ONNX graph (float32, checked on ONNX Runtime's CPU provider whatever `device`)."""
-    from swssl.backends import OnnxRuntimeBackend
+    from swssl.inference.backends import OnnxRuntimeBackend
     from swssl.export.onnx_export import export_onnx
 
     folder = out / probe.spec.folder("onnx")
@@ -235,7 +235,7 @@ def export_tensorrt_artifact(source: Source, out: Path, request: ExportRequest, 
                              echo) -> Made:
     """A TensorRT engine, built from the ONNX export of these weights and batch profile (made first when
     there is none)."""
-    from swssl.backends import TensorRTBackend
+    from swssl.inference.backends import TensorRTBackend
     from swssl.export.tensorrt_build import build_engine
 
     made: Made = []
@@ -271,7 +271,7 @@ def export_tensorrt_artifact(source: Source, out: Path, request: ExportRequest, 
 def export_aoti_artifact(source: Source, out: Path, request: ExportRequest, device: torch.device, probe: Probe,
                          echo) -> Made:
     """An AOTInductor package compiled for `device` in the request's precision."""
-    from swssl.backends import AotiBackend
+    from swssl.inference.backends import AotiBackend
     from swssl.export.aoti import export_aoti
 
     precision = request.precision

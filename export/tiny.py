@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from swssl.checkpoint import CHECKPOINT, save_checkpoint
+from swssl.model.checkpoint import CHECKPOINT, save_checkpoint
 from swssl.config import load_preset
-from swssl.model import build_encoder
+from swssl.model.encoder import build_encoder
 
 
 def make_tiny_data(root: str | Path, images: int = 6, height: int = 128, width: int = 96, seed: int = 0) -> Path:

@@ -42,17 +42,17 @@ import numpy as np
 import torch
 
 from swssl.config import Config
-from swssl.dense import FeatureMap, halo_for, pad_to_canvas, tiled_feature_map
+from swssl.windows.dense import FeatureMap, halo_for, pad_to_canvas, tiled_feature_map
 from swssl.errors import SwsslError
 from swssl.export.errors import ExportError
 from swssl.export.graph import GraphSpec
 from swssl.export.profile import BatchProfile
-from swssl.model import PatchEncoder
+from swssl.model.encoder import PatchEncoder
 
 if TYPE_CHECKING:
-    from swssl.backends import Backend
+    from swssl.inference.backends import Backend
 
-# swssl.bank.BANK and DENSE_BANK, not imported: that module pulls in tqdm
+# swssl.scoring.bank.BANK and DENSE_BANK, not imported: that module pulls in tqdm
 BANK_FILES = ("bank.safetensors", "bank-dense.safetensors")
 MAX_IMAGES = 8
 DENSE_IMAGES = 2  # whole training images a dense artifact is checked on
@@ -80,7 +80,7 @@ def default_window_count(profile: BatchProfile) -> int:
 def training_windows(config: Config, run_dir: str | Path | None = None, data: str | Path | None = None,
                      count: int = 72, seed: int = 0) -> tuple[torch.Tensor, str]:
     """`count` foreground windows (count x 1 x P x P, float32 CPU) from training images, and where they came from."""
-    from swssl.geometry import grid, window_max
+    from swssl.windows.geometry import grid, window_max
 
     g = config.geometry
     images, source = _resized_images(config, run_dir, data, MAX_IMAGES)
@@ -108,7 +108,7 @@ def training_canvases(config: Config, run_dir: str | Path | None = None, data: s
 def _resized_images(config: Config, run_dir: str | Path | None, data: str | Path | None,
                     count: int) -> tuple[list[torch.Tensor], str]:
     """Up to `count` training images spread over the list, resized to the run's geometry (float32 CPU)."""
-    from swssl.datasets import load_resized
+    from swssl.data.datasets import load_resized
 
     paths, source = _training_images(run_dir, data)
     picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)]
@@ -118,7 +118,7 @@ def _resized_images(config: Config, run_dir: str | Path | None, data: str | Path
 
 def _training_images(run_dir: str | Path | None, data: str | Path | None) -> tuple[list[tuple[Path, int]], str]:
     """(path, frame) of normal training images: --data, else the bank's list, else the demo data."""
-    from swssl.datasets import discover, select
+    from swssl.data.datasets import discover, select
 
     if data is not None:
         samples = select(discover(data), "train", label=0)
@@ -152,7 +152,7 @@ def _demo_data() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "swssl" / "demo-data"
     if not (cache / "manifest.csv").is_file():
         try:
-            from swssl.demo_data import build_demo_data
+            from swssl.data.demo import build_demo_data
 
             build_demo_data(cache)
         except (ImportError, SwsslError) as exc:

@@ -10,7 +10,7 @@ import click
 
 from swssl.registry import BACKENDS, SCORER_NAMES, SCORER_OPTIONS, SCORERS
 from swssl.config import preset_names
-from swssl.readers import DEFAULT_MAX_PIXELS
+from swssl.data.readers import DEFAULT_MAX_PIXELS
 from swssl.errors import SwsslError
 from swssl.names import for_terminal, one_line
 
@@ -51,7 +51,7 @@ def demo_data(out_dir: Path, seed: int) -> None:
     slices: normal training images, and validation/test images from other views, half of them
     with synthetic lesions and their masks. Writes OUT_DIR/manifest.csv.
     """
-    from swssl.demo_data import build_demo_data
+    from swssl.data.demo import build_demo_data
 
     manifest = build_demo_data(out_dir, seed=seed)
     click.echo(f"demo data: {manifest}")
@@ -87,7 +87,7 @@ def train(preset: str, config_file: Path | None, data: Path, out_dir: Path, epoc
     Example: swssl-train --preset demo --data data/demo --out runs/demo
     """
     from swssl.config import build_config
-    from swssl.train import train as run_training
+    from swssl.training.train import train as run_training
 
     config = build_config(preset, config_file, **{"train.batch_size": batch_size, "train.lr": lr,
                                                    "model.weights": weights, "train.workers": workers,
@@ -144,9 +144,9 @@ def bank(run_dir: Path, data: Path, fp32: bool, mode: str | None, device: str, b
     """
     import torch
 
-    from swssl.bank import bank_file, build_bank
-    from swssl.checkpoint import load_encoder, weights_digest
-    from swssl.datasets import discover, select
+    from swssl.scoring.bank import bank_file, build_bank
+    from swssl.model.checkpoint import load_encoder, weights_digest
+    from swssl.data.datasets import discover, select
     from swssl.device import parse_device
 
     dev = parse_device(device)
@@ -184,11 +184,11 @@ def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], sc
     Dense mode (--mode dense) needs the run's dense bank (swssl-bank RUN_DIR --data DIR --mode dense).
     Example: swssl-eval runs/demo --data data/demo --split test
     """
-    from swssl.bank import MemoryBank
-    from swssl.checkpoint import load_encoder, weights_digest
-    from swssl.datasets import discover, select
-    from swssl.evaluate import evaluate as run_evaluation, format_summaries
-    from swssl.scorers import scorer_options
+    from swssl.scoring.bank import MemoryBank
+    from swssl.model.checkpoint import load_encoder, weights_digest
+    from swssl.data.datasets import discover, select
+    from swssl.scoring.evaluate import evaluate as run_evaluation, format_summaries
+    from swssl.scoring.scorers import scorer_options
     from swssl.device import parse_device
 
     dev = parse_device(device)
@@ -213,7 +213,7 @@ def compare(reports: tuple[Path, ...], split: str) -> None:
     Example (exact vs dense mode on the same checkpoint):
     swssl-compare runs/demo/eval runs/demo/eval-dense
     """
-    from swssl.compare import comparison_table
+    from swssl.scoring.compare import comparison_table
 
     click.echo(comparison_table(list(reports), split))
 
@@ -259,10 +259,10 @@ def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device
     Example: swssl-infer data/demo/test --model runs/demo --out runs/demo/infer --heatmaps
     """
     from swssl.device import parse_device
-    from swssl.infer import choose_settings, format_summary, run_inference
-    from swssl.run import open_run
-    from swssl.scorers import scorer_options
-    from swssl.stream import scale_factor
+    from swssl.inference.runner import choose_settings, format_summary, run_inference
+    from swssl.inference.run import open_run
+    from swssl.scoring.scorers import scorer_options
+    from swssl.windows.stream import scale_factor
 
     if scale is not None:
         scale_factor(scale)  # refuse a bad factor or device before loading anything

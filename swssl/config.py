@@ -17,7 +17,7 @@ from typing import Any
 
 from swssl.errors import ConfigError
 
-# Every registered backbone (swssl/backbones.py) maps H x W pixels to H/32 x W/32 feature cells: its
+# Every registered backbone (swssl/model/backbones.py) maps H x W pixels to H/32 x W/32 feature cells: its
 # spec's stride is the authority (Config.validate uses it); modules not yet routed through the spec
 # use this constant, so tests/test_backbones.py checks that every spec's stride equals it.
 TRUNK_STRIDE = 32
@@ -41,7 +41,7 @@ class Geometry:
     inference: str = "resize"
     # How window embeddings are computed: "exact" (the trunk runs on each window on its own, as the
     # official code) or "dense" (the trunk runs once over the image and each window averages the
-    # feature cells it covers: about patch^2 / step^2 times less arithmetic; see swssl/dense.py).
+    # feature cells it covers: about patch^2 / step^2 times less arithmetic; see swssl/windows/dense.py).
     mode: str = "exact"
 
 
@@ -122,7 +122,7 @@ class Config:
         return self if mode is None else self.override({"geometry": {"mode": mode}}).validate()
 
     def validate(self) -> "Config":
-        from swssl.backbones import BACKBONES  # torch and torchvision: not needed to merely read a configuration
+        from swssl.model.backbones import BACKBONES  # torch and torchvision: not needed to merely read a configuration
 
         g = self.geometry
         if g.grid not in ("cover", "reference"):

@@ -1,11 +1,11 @@
-"""The extension points, one table each: artifact kinds and scorers (backbones: swssl.backbones).
+"""The extension points, one table each: artifact kinds and scorers (backbones: swssl.model.backbones).
 
 Read by the loaders, the exporter, the benchmarks and every command line, so that adding one is a
 row here and its implementation:
-- an artifact kind: a row in ARTIFACTS, a backend class with `from_manifest` (swssl.backends) and
+- an artifact kind: a row in ARTIFACTS, a backend class with `from_manifest` (swssl.inference.backends) and
   an exporter (swssl.export.pipeline);
 - a scorer: a row in SCORERS (its options from SCORER_OPTIONS, or a new one there) and its class
-  (swssl.scorers, the `Scorer` interface).
+  (swssl.scoring.scorers, the `Scorer` interface).
 Implementations are named ("module:attribute"), not imported, so that reading a table (e.g. for
 `--help`) never loads torch or a runtime.
 """
@@ -25,7 +25,7 @@ class ArtifactKind:
     file: str  # the artifact's file name in its folder
     suffixes: tuple[str, ...]  # file suffixes that swssl-infer --model recognises as this kind
     device_bound: bool  # compiled for one device type (its folder and rebuild command name it)
-    backend_class: str  # "module:Class" of its backend (swssl.backends)
+    backend_class: str  # "module:Class" of its backend (swssl.inference.backends)
     exporter: str  # "module:function" that makes and verifies it (swssl.export.pipeline)
     builds_from: str | None = None  # the kind it is made from: not attempted when that one failed verification
 
@@ -37,13 +37,13 @@ class ArtifactKind:
 # In export order: a TensorRT engine is built from the ONNX file.
 ARTIFACTS = (
     ArtifactKind("onnx", "onnxruntime", "--onnx", "ONNX graph, float32 (the default when no format is given).",
-                 "model.onnx", (".onnx",), False, "swssl.backends:OnnxRuntimeBackend",
+                 "model.onnx", (".onnx",), False, "swssl.inference.backends:OnnxRuntimeBackend",
                  "swssl.export.pipeline:export_onnx_artifact"),
     ArtifactKind("tensorrt", "tensorrt", "--trt", "TensorRT engine built from the ONNX file (needs TensorRT and a "
-                 "CUDA GPU).", "model.engine", (".engine", ".plan"), True, "swssl.backends:TensorRTBackend",
+                 "CUDA GPU).", "model.engine", (".engine", ".plan"), True, "swssl.inference.backends:TensorRTBackend",
                  "swssl.export.pipeline:export_tensorrt_artifact", builds_from="onnx"),
     ArtifactKind("aoti", "aoti", "--aoti", "AOTInductor package (.pt2) for --device.", "model.pt2", (".pt2",), True,
-                 "swssl.backends:AotiBackend", "swssl.export.pipeline:export_aoti_artifact"),
+                 "swssl.inference.backends:AotiBackend", "swssl.export.pipeline:export_aoti_artifact"),
 )
 BY_NAME = {kind.name: kind for kind in ARTIFACTS}
 BY_BACKEND = {kind.backend: kind for kind in ARTIFACTS}
@@ -70,7 +70,7 @@ class ScorerOption:
 @dataclass(frozen=True)
 class ScorerKind:
     name: str
-    implementation: str  # "module:Class" (swssl.scorers)
+    implementation: str  # "module:Class" (swssl.scoring.scorers)
     options: tuple[str, ...]  # its keyword arguments that the command line sets (keys of SCORER_OPTIONS)
     help: str
 
@@ -83,11 +83,11 @@ SCORER_OPTIONS = {
     "top": ScorerOption("--top-k", 1, int, "image (slide) score = mean of the K highest window scores."),
 }
 SCORERS = (
-    ScorerKind("aligned", "swssl.scorers:AlignedScorer", ("radius", "top"),
+    ScorerKind("aligned", "swssl.scoring.scorers:AlignedScorer", ("radius", "top"),
                "each window against the bank's windows at its grid position (the paper's; the run's geometry)"),
-    ScorerKind("global", "swssl.scorers:GlobalScorer", ("k", "top", "coreset_ratio"),
+    ScorerKind("global", "swssl.scoring.scorers:GlobalScorer", ("k", "top", "coreset_ratio"),
                "each window against its k nearest bank windows anywhere (any image size)"),
-    ScorerKind("reference", "swssl.scorers:ReferenceScorer", (),
+    ScorerKind("reference", "swssl.scoring.scorers:ReferenceScorer", (),
                "the official evaluate.py score (no window map; the run's geometry)"),
 )
 SCORER_NAMES = tuple(kind.name for kind in SCORERS)

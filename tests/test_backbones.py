@@ -3,7 +3,7 @@ import pytest
 import torch
 import torchvision
 
-from swssl.backbones import BACKBONES, backbone_spec
+from swssl.model.backbones import BACKBONES, backbone_spec
 from swssl.config import TRUNK_STRIDE, load_preset
 from swssl.errors import ConfigError, WeightsError
 

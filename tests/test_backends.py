@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from swssl.backends import (AotiBackend, Backend, BackendError, OnnxRuntimeBackend, TorchBackend, default_providers,
+from swssl.inference.backends import (AotiBackend, Backend, BackendError, OnnxRuntimeBackend, TorchBackend, default_providers,
                             load_backend)
-from swssl.checkpoint import load_checkpoint, load_encoder, save_checkpoint
+from swssl.model.checkpoint import load_checkpoint, load_encoder, save_checkpoint
 from swssl.errors import ConfigError
 from swssl.export import verify
 from swssl.export.errors import ArtifactMismatch

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from swssl.bench import cli, flops, machine, report, session, timing, workload
-from swssl.model import PatchEncoder
+from swssl.model.encoder import PatchEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -129,7 +129,7 @@ def test_one_bad_training_image_is_one_line_naming_it(tiny_data, tmp_path):
     args = ["--preset", "demo", "--config", str(data / "tiny.toml"), "--data", str(data)]
     cached = runner.invoke(cli.train, args + ["--out", str(tmp_path / "run")])
     (data / "lazy.toml").write_text(TINY.replace("workers = 0", "workers = 1"))
-    from swssl import train as training
+    from swssl.training import train as training
 
     original = training.CACHE_LIMIT_BYTES
     training.CACHE_LIMIT_BYTES = 0  # every image read in the DataLoader worker

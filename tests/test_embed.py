@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from swssl.config import load_preset
-from swssl.embed import embed_image
-from swssl.geometry import grid
-from swssl.model import build_encoder
+from swssl.windows.embed import embed_image
+from swssl.windows.geometry import grid
+from swssl.model.encoder import build_encoder
 
 
 def test_default_grid_covers_every_pixel():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from swssl.checkpoint import load_encoder, weights_digest
+from swssl.model.checkpoint import load_encoder, weights_digest
 from swssl.export import cli, verify
 from swssl.export.graph import GraphSpec
 from swssl.export.manifest import FORMAT, read_manifest
@@ -21,7 +21,7 @@ from swssl.files import sha256_file
 from swssl.export.onnx_export import check_onnx, export_onnx
 from swssl.export.profile import BatchProfile
 from swssl.export.tiny import ensure_exports, make_tiny_run
-from swssl.model import PatchEncoder
+from swssl.model.encoder import PatchEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = "1,4,16"
@@ -43,7 +43,7 @@ def windows(n, patch, seed=0):
 def test_onnx_matches_torch_at_every_batch_size(tmp_path, backbone, patch):
     import onnx
 
-    from swssl.backends import OnnxRuntimeBackend
+    from swssl.inference.backends import OnnxRuntimeBackend
 
     torch.manual_seed(0)
     encoder = PatchEncoder(backbone).eval()
@@ -94,7 +94,7 @@ def test_default_export_is_a_verified_onnx_with_its_manifest(tiny, tmp_path):
 
 
 def test_aoti_cpu_package_matches_torch(tiny):
-    from swssl.backends import AotiBackend, load_backend
+    from swssl.inference.backends import AotiBackend, load_backend
 
     run, _ = tiny
     manifest = read_manifest(run / "export" / "aoti-cpu-fp32")
@@ -111,7 +111,7 @@ def test_aoti_cpu_package_matches_torch(tiny):
 
 
 def test_a_verification_failure_exits_1_with_the_numbers_and_is_refused(tiny, tmp_path, monkeypatch):
-    from swssl.backends import load_backend
+    from swssl.inference.backends import load_backend
     from swssl.export.errors import ArtifactMismatch
 
     run, data = tiny
@@ -158,7 +158,7 @@ def test_bad_options_exit_1(tiny):
 
 
 def test_external_data_is_written_hashed_and_checked(tiny, tmp_path):
-    from swssl.backends import load_backend
+    from swssl.inference.backends import load_backend
     from swssl.export.errors import ArtifactMismatch
     from swssl.export.pipeline import ExportRequest, export_run
 
@@ -226,11 +226,11 @@ def test_export_path_needs_no_optional_readers_or_training_modules(tmp_path):
 import sys
 for name in ("pydicom", "zarr", "tqdm", "scipy", "sklearn", "matplotlib"):
     sys.modules[name] = None
-import swssl.backends, swssl.export.cli, swssl.export.pipeline, swssl.export.gpu_check, swssl.export.aoti
+import swssl.inference.backends, swssl.export.cli, swssl.export.pipeline, swssl.export.gpu_check, swssl.export.aoti
 import swssl.export.onnx_export, swssl.export.tensorrt_build, swssl.export.verify, swssl.export.manifest
 from swssl.export.tiny import make_tiny_run
 from swssl.export.verify import training_windows
-from swssl.checkpoint import load_encoder
+from swssl.model.checkpoint import load_encoder
 run, data = make_tiny_run({str(tmp_path)!r})
 encoder, config = load_encoder(run)
 windows, _ = training_windows(config, run, data, count=3)
@@ -260,7 +260,7 @@ def test_aoti_cuda_package_matches_torch(tiny, tmp_path):
 def test_onnxruntime_cuda_io_binding_matches_torch(tiny):
     import onnxruntime
 
-    from swssl.backends import load_backend
+    from swssl.inference.backends import load_backend
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
@@ -280,7 +280,7 @@ def test_tensorrt_engine_matches_torch(tiny, tmp_path, precision):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'swssl[gpu]'); engines need it")
     if not HAS_CUDA:
         pytest.skip("TensorRT engines need a CUDA GPU and torch.cuda.is_available() is False")
-    from swssl.backends import TensorRTBackend, load_backend
+    from swssl.inference.backends import TensorRTBackend, load_backend
 
     run, data = tiny
     result = CliRunner().invoke(cli.export, [str(run), "--trt", "--precision", precision, "--batch", BATCH,

@@ -11,10 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from swssl.backends import (AotiBackend, BackendError, OnnxRuntimeBackend, TensorRTBackend, TorchBackend,
+from swssl.inference.backends import (AotiBackend, BackendError, OnnxRuntimeBackend, TensorRTBackend, TorchBackend,
                             load_backend)
-from swssl.checkpoint import load_checkpoint, load_encoder, save_checkpoint
-from swssl.embed import embed_image
+from swssl.model.checkpoint import load_checkpoint, load_encoder, save_checkpoint
+from swssl.windows.embed import embed_image
 from swssl.export import cli, verify
 from swssl.export.errors import ArtifactMismatch
 from swssl.export.manifest import check_manifest, read_manifest
@@ -160,7 +160,7 @@ def test_dense_export_of_a_geometry_that_cannot_be_dense_exits_2(tmp_path_factor
 
 
 def test_the_tensorrt_provider_profile_spans_the_image_sides(dense, monkeypatch):
-    from swssl import backends
+    from swssl.inference import backends
     from swssl.export.graph import GraphSpec
 
     run, _ = dense

@@ -36,11 +36,11 @@ UNSAFE_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet takes for 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A run directory without training (as tests/test_infer.py's `tiny`): random-weight encoder, checkpoint, bank."""
-    from swssl.bank import BANK, build_bank
-    from swssl.checkpoint import save_checkpoint, weights_digest
+    from swssl.scoring.bank import BANK, build_bank
+    from swssl.model.checkpoint import save_checkpoint, weights_digest
     from swssl.config import load_preset
-    from swssl.datasets import discover, select
-    from swssl.model import build_encoder
+    from swssl.data.datasets import discover, select
+    from swssl.model.encoder import build_encoder
 
     root = tmp_path_factory.mktemp("hostile-model")
     rng = np.random.default_rng(100)

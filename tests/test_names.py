@@ -8,7 +8,7 @@ import os
 import pytest
 
 from swssl.names import for_terminal, readable, spreadsheet_cell
-from swssl.results import COLUMNS, ResultLog, read_results
+from swssl.inference.results import COLUMNS, ResultLog, read_results
 
 HOSTILE = [b"bad-utf8-\xff\xfe-name.png", b"carriage\rreturn.png", b"line\nfeed.png", b"tab\there.png",
            b"\x1b[2Jclear.png", b"\x1b]0;title\x07.png", b"=cmd|' /C calc'!A0.png", b"+1.png", b"-2.png",

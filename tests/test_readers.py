@@ -23,9 +23,9 @@ from PIL import Image, ImageFile
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 
-from swssl import readers
+from swssl.data import readers
 from swssl.errors import ConfigError, ImageReadError
-from swssl.readers import DEFAULT_MAX_PIXELS, SUPPORTED_SUFFIXES, open_image, read_image
+from swssl.data.readers import DEFAULT_MAX_PIXELS, SUPPORTED_SUFFIXES, open_image, read_image
 
 RNG = np.random.default_rng(7)
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -449,7 +449,7 @@ def test_supported_suffixes():
 
 
 def test_module_imports_without_format_libraries():
-    code = "import sys; sys.modules.update(tifffile=None, zarr=None, pydicom=None); import swssl.readers"
+    code = "import sys; sys.modules.update(tifffile=None, zarr=None, pydicom=None); import swssl.data.readers"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from swssl.geometry import window_starts
-from swssl.metrics import lesion_hits, pixel_auroc, pixel_map
-from swssl.report import ImageResult, format_table, summarise, write_report
+from swssl.windows.geometry import window_starts
+from swssl.scoring.metrics import lesion_hits, pixel_auroc, pixel_map
+from swssl.scoring.report import ImageResult, format_table, summarise, write_report
 
 PATCH, STEP = 32, 16
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from swssl.bank import BankMismatchError, MemoryBank
+from swssl.scoring.bank import BankMismatchError, MemoryBank
 from swssl.config import load_preset
-from swssl.scorers import build_scorer, k_center_greedy
+from swssl.scoring.scorers import build_scorer, k_center_greedy
 
 SHAPES = [(5, 3, 4, 8), (7, 6, 5, 17), (1, 2, 3, 4)]  # bank images N, grid R x C, dim D
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from swssl.bank import MemoryBank
+from swssl.scoring.bank import MemoryBank
 from swssl.config import Config
-from swssl.scorers import GlobalScorer
+from swssl.scoring.scorers import GlobalScorer
 
 
 def bank_of(embeddings: torch.Tensor, foreground: torch.Tensor) -> MemoryBank:

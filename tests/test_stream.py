@@ -14,16 +14,16 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
-from swssl.bank import MemoryBank
+from swssl.scoring.bank import MemoryBank
 from swssl.config import load_preset
-from swssl.embed import embed_image
+from swssl.windows.embed import embed_image
 from swssl.errors import ConfigError, ImageReadError
-from swssl.geometry import grid, window_max
-from swssl.model import build_encoder
-from swssl.readers import open_image
-from swssl.scorers import AlignedScorer, GlobalScorer, ReferenceScorer
-from swssl.stream import SlideStream, scale_factor
-from swssl.tiling import score_source
+from swssl.windows.geometry import grid, window_max
+from swssl.model.encoder import build_encoder
+from swssl.data.readers import open_image
+from swssl.scoring.scorers import AlignedScorer, GlobalScorer, ReferenceScorer
+from swssl.windows.stream import SlideStream, scale_factor
+from swssl.windows.tiling import score_source
 
 
 def config_for(patch: int, step: int, policy: str = "cover", threshold: float = 0.0, height: int = 128,
@@ -220,8 +220,8 @@ def big_slide(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def big_run(tmp_path_factory):
-    from swssl.bank import BANK
-    from swssl.checkpoint import save_checkpoint, weights_digest
+    from swssl.scoring.bank import BANK
+    from swssl.model.checkpoint import save_checkpoint, weights_digest
 
     config = config_for(PATCH, PATCH, height=256, width=256)
     torch.manual_seed(0)

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from swssl.bank import MemoryBank
+from swssl.scoring.bank import MemoryBank
 from swssl.config import load_preset
-from swssl.embed import embed_image
+from swssl.windows.embed import embed_image
 from swssl.errors import ConfigError
-from swssl.model import build_encoder
-from swssl.readers import open_image
-from swssl.scorers import AlignedScorer, GlobalScorer, ReferenceScorer
-from swssl.stream import SlideStream
-from swssl.tiling import Chunk, ImageScore, ImageWindows, score_source
+from swssl.model.encoder import build_encoder
+from swssl.data.readers import open_image
+from swssl.scoring.scorers import AlignedScorer, GlobalScorer, ReferenceScorer
+from swssl.windows.stream import SlideStream
+from swssl.windows.tiling import Chunk, ImageScore, ImageWindows, score_source
 
 
 def config_for(mode: str):

@@ -4,11 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
-from swssl.checkpoint import load_checkpoint, load_encoder, weights_digest
+from swssl.model.checkpoint import load_checkpoint, load_encoder, weights_digest
 from swssl.config import load_preset
-from swssl.model import build_encoder
-from swssl.triplets import WindowTriplets
-from swssl.train import train, train_step
+from swssl.model.encoder import build_encoder
+from swssl.training.triplets import WindowTriplets
+from swssl.training.train import train, train_step
 
 SMALL = {"geometry": {"height": 256, "width": 192, "patch": 64, "step": 16},
          "train": {"batch_size": 8, "windows_per_image": 4, "workers": 0, "val_every": 1}}
@@ -84,7 +84,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
 def test_a_flipped_bit_in_a_checkpoint_is_refused(tmp_path):
     """torch.load checks no checksum: without the digest saved beside the weights, a flipped bit would
     load as other weights (and a bank or export would only say that the weights differ)."""
-    from swssl.checkpoint import save_checkpoint
+    from swssl.model.checkpoint import save_checkpoint
     from swssl.errors import CheckpointError
 
     config = small_config()

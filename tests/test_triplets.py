@@ -1,11 +1,11 @@
-"""Invariants of the SWSSL training triplets (swssl.triplets), checked on many draws."""
+"""Invariants of the SWSSL training triplets (swssl.training.triplets), checked on many draws."""
 import numpy as np
 import pytest
 import torch
 
 from swssl.config import load_preset
-from swssl.geometry import grid, window_starts
-from swssl.triplets import WindowTriplets, neighbour_target
+from swssl.windows.geometry import grid, window_starts
+from swssl.training.triplets import WindowTriplets, neighbour_target
 
 
 def test_window_starts_policies():

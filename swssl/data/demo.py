@@ -26,7 +26,7 @@ import pydicom
 from PIL import Image
 from scipy import ndimage as ndi
 
-from swssl.datasets import MANIFEST_NAME, resize_antialiased
+from swssl.data.datasets import MANIFEST_NAME, resize_antialiased
 from swssl.errors import DatasetError, ImageReadError
 
 HEIGHT, WIDTH = 1024, 768

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from swssl.backends import Backend, open_backend
-from swssl.bank import MemoryBank
+from swssl.inference.backends import Backend, open_backend
+from swssl.scoring.bank import MemoryBank
 from swssl.config import Config
 from swssl.errors import ConfigError, SwsslError
 

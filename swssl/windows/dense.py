@@ -18,7 +18,7 @@ to the next multiple of the stride. Padding is zeros, i.e. background.
 Tiles. Large images run in tiles whose cores are `tile` px (a multiple of the stride) and whose
 inputs extend `halo` px beyond the core on every side (clipped at the canvas border). A cell
 depends on the input pixels of its receptive field; `halo` is the receptive field's reach beyond
-the cell rounded up to a multiple of the stride (each backbone's spec computes it, swssl/backbones.py:
+the cell rounded up to a multiple of the stride (each backbone's spec computes it, swssl/model/backbones.py:
 ResNet-18 435 px field, halo 224; ResNet-50 and Wide-ResNet-50-2 427 px, halo 224; MobileNetV2
 491 px, halo 256), so the cells of a core never see a tile border and the stitched map equals the
 whole-image map (tested to float tolerance).
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from swssl.backbones import backbone_spec
+from swssl.model.backbones import backbone_spec
 from swssl.config import TRUNK_STRIDE, Config, Geometry
-from swssl.geometry import canvas_shape, grid
+from swssl.windows.geometry import canvas_shape, grid
 
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # N x 1 x H x W in [0, 1] -> N x D x H/s x W/s
 DEFAULT_TILE = 2048  # px of a tile's core: one pass for a 1024 x 768 slice, (2048 + 448)^2 inputs for slides

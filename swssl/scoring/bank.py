@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from swssl.files import atomic_write
 from swssl.config import Config
-from swssl.datasets import Sample, load_resized
-from swssl.embed import Encode
+from swssl.data.datasets import Sample, load_resized
+from swssl.windows.embed import Encode
 from swssl.errors import SwsslError
-from swssl.tiling import ImageWindows
+from swssl.windows.tiling import ImageWindows
 
 BANK = "bank.safetensors"  # exact mode; dense mode's bank lies beside it, so a run can hold both
 DENSE_BANK = "bank-dense.safetensors"

@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 
 from swssl.errors import ConfigError, ImageReadError
-from swssl.integrity import (END_MARKERS, TIFF_CODESTREAMS, PydicomWarnings, ShortReads, codestream_size,
+from swssl.data.integrity import (END_MARKERS, TIFF_CODESTREAMS, PydicomWarnings, ShortReads, codestream_size,
                              ends_with_marker, png_missing, read_at, segment_bytes, strict_pillow)
 
 if TYPE_CHECKING:

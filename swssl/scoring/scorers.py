@@ -12,7 +12,7 @@ chunk size (stated per scorer) and not by the bank size.
   training images, max over channels. No per-window map.
 Image score of `aligned` / `global`: the maximum over scored windows, or the mean of the top k.
 
-The interface (`Scorer`) is what the one tiling loop (swssl.tiling) needs: what the scorer
+The interface (`Scorer`) is what the one tiling loop (swssl.windows.tiling) needs: what the scorer
 `needs` ("windows": each foreground window on its own, so a slide of any size is scored batch
 by batch as it streams; "grid": every window of the bank's grid at once), and `start()`, an
 accumulator whose `update(chunk)` takes embedded windows as they come and whose
@@ -26,10 +26,10 @@ from typing import ClassVar, Literal, Protocol
 
 import torch
 
-from swssl.bank import MemoryBank
+from swssl.scoring.bank import MemoryBank
 from swssl.errors import ConfigError
 from swssl.registry import SCORERS, load
-from swssl.tiling import Chunk, ImageScore
+from swssl.windows.tiling import Chunk, ImageScore
 
 Needs = Literal["windows", "grid"]
 

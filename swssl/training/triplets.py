@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 
 from swssl.config import Augment, Config
 from swssl.errors import DatasetError
-from swssl.geometry import grid, window_max
+from swssl.windows.geometry import grid, window_max
 
 
 def neighbour_target(d_row: torch.Tensor, d_col: torch.Tensor, neighbour_range: int = 3) -> torch.Tensor:

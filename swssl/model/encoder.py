@@ -1,4 +1,4 @@
-"""The SWSSL patch encoder: a backbone's trunk (swssl/backbones.py), global average pooling, the loss's projector.
+"""The SWSSL patch encoder: a backbone's trunk (swssl/model/backbones.py), global average pooling, the loss's projector.
 
 The encoder takes raw windows, N x 1 x P x P in [0, 1]; replicating the grayscale to three
 channels and the normalisation happen inside, so training, the bank, inference and every
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from swssl.backbones import backbone_spec
+from swssl.model.backbones import backbone_spec
 from swssl.config import Config
 from swssl.errors import WeightsError
 from swssl.files import sha256_file

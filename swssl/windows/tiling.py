@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from swssl.config import Config
-from swssl.embed import Encode, embed_image
+from swssl.windows.embed import Encode, embed_image
 from swssl.errors import ConfigError
-from swssl.geometry import grid
+from swssl.windows.geometry import grid
 
 if TYPE_CHECKING:
-    from swssl.scorers import Scorer
+    from swssl.scoring.scorers import Scorer
 
 
 @dataclass

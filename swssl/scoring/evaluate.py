@@ -11,16 +11,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from swssl.bank import MemoryBank, build_bank
-from swssl.checkpoint import weights_digest
+from swssl.scoring.bank import MemoryBank, build_bank
+from swssl.model.checkpoint import weights_digest
 from swssl.config import Config
-from swssl.datasets import Sample, load_mask, load_resized
-from swssl.geometry import grid
-from swssl.metrics import image_auroc
-from swssl.model import PatchEncoder
-from swssl.report import ImageResult, format_table, summarise, write_report
-from swssl.scorers import build_scorer
-from swssl.tiling import ImageWindows, score_source
+from swssl.data.datasets import Sample, load_mask, load_resized
+from swssl.windows.geometry import grid
+from swssl.scoring.metrics import image_auroc
+from swssl.model.encoder import PatchEncoder
+from swssl.scoring.report import ImageResult, format_table, summarise, write_report
+from swssl.scoring.scorers import build_scorer
+from swssl.windows.tiling import ImageWindows, score_source
 
 
 def score_samples(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], config: Config,

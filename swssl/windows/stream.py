@@ -34,12 +34,12 @@ max-pooled by g along the columns once (1/g of its size, kept beside the strip);
 takes the maximum of that view over its P rows and then over each window's P/g blocks. Windows
 whose maximum is not above the threshold are never cut or encoded; they are counted.
 
-Dense mode (`geometry.mode = "dense"`, swssl/dense.py): `SlideStream.dense_bands` walks the same
+Dense mode (`geometry.mode = "dense"`, swssl/windows/dense.py): `SlideStream.dense_bands` walks the same
 strip in bands of window rows instead; each band's slab of rows (with the trunk's halo above and
 below, zero rows past the frame) goes once through the trunk in tiles and its windows pool their
 cells. A band without foreground windows is not run when only foreground windows are scored.
 
-`SlideStream.chunks` is the window source that swssl.tiling's one embed-and-score loop consumes.
+`SlideStream.chunks` is the window source that swssl.windows.tiling's one embed-and-score loop consumes.
 """
 from __future__ import annotations
 
@@ -56,13 +56,13 @@ import torch
 import torch.nn.functional as F
 
 from swssl.config import TRUNK_STRIDE, Config
-from swssl.dense import (DEFAULT_TILE, FeatureMap, covered_cells, halo_for, lattice_window_max, pool_windows,
+from swssl.windows.dense import (DEFAULT_TILE, FeatureMap, covered_cells, halo_for, lattice_window_max, pool_windows,
                          tiled_feature_map)
-from swssl.embed import Encode, empty_embedding, grid_windows
+from swssl.windows.embed import Encode, empty_embedding, grid_windows
 from swssl.errors import ConfigError, ImageReadError
-from swssl.geometry import canvas_shape, grid
-from swssl.readers import ImageReader
-from swssl.tiling import Chunk, WindowGrid
+from swssl.windows.geometry import canvas_shape, grid
+from swssl.data.readers import ImageReader
+from swssl.windows.tiling import Chunk, WindowGrid
 
 BLOCK_BYTES = 1 << 25  # about 32 MiB of float32 source rows per block read by the prefetch thread
 _DONE = object()
@@ -258,7 +258,7 @@ class SlideStream:
         """Dense mode: the window rows of the frame in bands, embedded from one trunk pass per band.
 
         A band of window rows needs the rows from its first window's top minus the halo to its
-        last window's bottom plus the halo (clipped to the zero-padded canvas, swssl/dense.py): the
+        last window's bottom plus the halo (clipped to the zero-padded canvas, swssl/windows/dense.py): the
         slab is cut from a rolling strip of scaled rows, run through `dense.tiled_feature_map`
         (tiles of `tile` px along the columns), and each window pools its cells. As many window
         rows go in a band as keep the slab within `tile` rows. With `skip_background`, a band with
@@ -293,7 +293,7 @@ class SlideStream:
             strip.blocks.close()
 
     def chunks(self, encode: Encode, every_window: bool) -> Iterator[Chunk]:
-        """The frame's embedded windows for swssl.tiling: foreground windows per encoder batch (exact
+        """The frame's embedded windows for swssl.windows.tiling: foreground windows per encoder batch (exact
         mode) or per band (dense mode); with `every_window`, the background windows too (exact mode:
         the all-zero window's embedding, after the last batch)."""
         if self.config.geometry.mode == "dense":

@@ -8,13 +8,13 @@ Two geometries (the run's `geometry.inference` decides, `--scale` forces "native
   (`datasets.resize_frame`, read in bands of rows: the frame is never held whole), embedded with
   through the same loop as swssl-eval (`tiling.ImageWindows`), so the scores equal swssl-eval's.
 - "native": windows cut from the full-resolution grid (times `--scale` = 1/k), streamed strip by
-  strip with bounded memory (`swssl.stream`); per-window scoring (`global`).
+  strip with bounded memory (`swssl.windows.stream`); per-window scoring (`global`).
 
 Outputs in OUT_DIR (one writer at a time: a lock refuses a second run at once), each slide's
-written as soon as it is done: `scores.jsonl` and `scores.csv` (swssl.results: statuses ok, empty,
+written as soon as it is done: `scores.jsonl` and `scores.csv` (swssl.inference.results: statuses ok, empty,
 error; any file name stored losslessly) get one line each; with heatmaps,
 `heatmaps/<name>.png` (overlay) and `.npy` (the R x C float32 window-score map, NaN = background),
-written atomically; `index.html` (swssl.gallery) is rewritten at the end, also after an error or
+written atomically; `index.html` (swssl.inference.gallery) is rewritten at the end, also after an error or
 Ctrl-C. The jsonl starts each invocation with a "run" record (configuration, backend, scorer).
 A result that cannot be written stops the run with an OutputError (the rows before it intact); a
 heatmap or gallery that cannot be written is listed in the summary and makes the exit status 2.
@@ -33,21 +33,21 @@ import torch
 
 from tqdm import tqdm
 
-from swssl import readers
+from swssl.data import readers
 from swssl.config import Config
-from swssl.datasets import resize_frame
+from swssl.data.datasets import resize_frame
 from swssl.errors import ConfigError, ImageReadError, OutputError, SwsslError
 from swssl.files import FolderLock
-from swssl.gallery import write_gallery
-from swssl.heatmaps import Overlay, heatmap_name, write_heatmap
+from swssl.inference.gallery import write_gallery
+from swssl.inference.heatmaps import Overlay, heatmap_name, write_heatmap
 from swssl.names import for_terminal, one_line, readable
-from swssl.report import MAX_OVERLAY_SIDE
-from swssl.results import SCORES_CSV, VOLUME, ResultLog, read_results
-from swssl.run import OpenRun
-from swssl.scorers import Scorer, build_scorer
-from swssl.slides import find_slides
-from swssl.stream import SlideStream, scale_factor
-from swssl.tiling import ImageScore, ImageWindows, score_source
+from swssl.scoring.report import MAX_OVERLAY_SIDE
+from swssl.inference.results import SCORES_CSV, VOLUME, ResultLog, read_results
+from swssl.inference.run import OpenRun
+from swssl.scoring.scorers import Scorer, build_scorer
+from swssl.inference.slides import find_slides
+from swssl.windows.stream import SlideStream, scale_factor
+from swssl.windows.tiling import ImageScore, ImageWindows, score_source
 
 
 # --- results ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from swssl.config import Config
-from swssl.geometry import grid, window_max
+from swssl.windows.geometry import grid, window_max
 
 Encode = Callable[[torch.Tensor], torch.Tensor]  # N x 1 x P x P in [0, 1] -> N x D
 
@@ -38,7 +38,7 @@ def embed_image(encode: Encode, image: np.ndarray | torch.Tensor, config: Config
     """Embeddings (R x C x D, float32) and foreground mask (R x C, bool) of every grid window of `image`.
 
     Exact mode encodes the windows in batches (`encode(windows)`); dense mode runs
-    `encode.feature_map` over the image once and pools each window's cells (swssl/dense.py).
+    `encode.feature_map` over the image once and pools each window's cells (swssl/windows/dense.py).
     `image` is a float32 H x W array in [0, 1] at the run's geometry (or any size: the grid
     follows the image). Both results live on `device`.
     """
@@ -46,7 +46,7 @@ def embed_image(encode: Encode, image: np.ndarray | torch.Tensor, config: Config
     pixels = torch.as_tensor(image, dtype=torch.float32).to(device)
     g = config.geometry
     if g.mode == "dense":
-        from swssl.dense import embed_dense
+        from swssl.windows.dense import embed_dense
 
         return embed_dense(encode.feature_map, pixels, config)
     rows, cols = grid(g, *pixels.shape)

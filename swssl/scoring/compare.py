@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from swssl.errors import SwsslError
-from swssl.metrics import image_auroc
+from swssl.scoring.metrics import image_auroc
 
 METRICS = (("image AUROC", "image_auroc", "{:.4f}"), ("pixel AUROC", "pixel_auroc", "{:.4f}"),
            ("lesion hit rate", "lesion_hit_rate", "{:.3f}"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from swssl import readers
+from swssl.data import readers
 from swssl.config import Geometry
 from swssl.errors import DatasetError
 

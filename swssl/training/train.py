@@ -18,17 +18,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from swssl.bank import MemoryBank, bank_file, build_bank
-from swssl.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_encoder, save_checkpoint, weights_digest
+from swssl.scoring.bank import MemoryBank, bank_file, build_bank
+from swssl.model.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_encoder, save_checkpoint, weights_digest
 from swssl.config import Config
 from swssl.device import parse_device
 from swssl.errors import ConfigError, DatasetError, SwsslError
 from swssl.files import LOCK, FolderLock, atomic_write
-from swssl.datasets import Sample, discover, load_resized, select
-from swssl.evaluate import validation_auroc
-from swssl.loss import LossTerms, swssl_loss
-from swssl.model import build_encoder
-from swssl.triplets import WindowTriplets
+from swssl.data.datasets import Sample, discover, load_resized, select
+from swssl.scoring.evaluate import validation_auroc
+from swssl.training.loss import LossTerms, swssl_loss
+from swssl.model.encoder import build_encoder
+from swssl.training.triplets import WindowTriplets
 
 CACHE_LIMIT_BYTES = 2 << 30  # training images are held in memory (16-bit) when they fit in this
 LOG = "train_log.csv"

@@ -4,7 +4,7 @@ The decoders behind the readers are lenient: Pillow zero-fills a PNG whose compr
 early, pylibjpeg's JPEG and JPEG 2000 decoders and imagecodecs pad a cut or garbled codestream
 without a word, pydicom stops quietly where a file ends and reshapes a codestream of another size.
 Each helper here checks one such thing from the file's own bytes (end markers, frame headers,
-inflated byte counts, short reads, pydicom's warnings), so that swssl.readers can refuse the file.
+inflated byte counts, short reads, pydicom's warnings), so that swssl.data.readers can refuse the file.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from swssl import readers
+from swssl.data import readers
 
 
 def _is_image_file(path: Path) -> bool:

@@ -11,7 +11,7 @@ import torch
 from swssl.config import Config
 from swssl.errors import CheckpointError
 from swssl.files import atomic_write
-from swssl.model import PatchEncoder
+from swssl.model.encoder import PatchEncoder
 
 CHECKPOINT = "checkpoint.pt"  # the latest state, for --resume
 BEST = "best.pt"  # the state selected on the val split

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from swssl import metrics
+from swssl.scoring import metrics
 from swssl.files import atomic_write
 from swssl.names import safe_name
 

@@ -4,7 +4,7 @@ Every backend is called as `backend(windows)` with an N x 1 x P x P float32 tens
 (moved to `backend.device` if it is elsewhere) and returns N x D float32 embeddings on
 `backend.device`. Dense mode calls `backend.feature_map(images)` instead: N x 1 x H x W in [0, 1]
 (H, W multiples of the trunk's stride) -> the trunk's cells N x D x H/32 x W/32, float32 on
-`backend.device`; swssl/dense.py pools windows from them. The torch backend has both; an
+`backend.device`; swssl/windows/dense.py pools windows from them. The torch backend has both; an
 exported artifact has the feature map only when exported in dense mode (`swssl-export --mode
 dense`), and such an artifact still answers `backend(windows)` (the mean of a window's cells is
 its exact embedding). Calls larger than `backend.max_batch` (the artifact's batch profile; None =
@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 from swssl.registry import BACKENDS, BY_BACKEND, BY_NAME, TORCH_BACKENDS, kind_of_file
-from swssl.checkpoint import BEST, CHECKPOINT, load_encoder, weights_digest
+from swssl.model.checkpoint import BEST, CHECKPOINT, load_encoder, weights_digest
 from swssl.config import TRUNK_STRIDE, Config
 from swssl.device import parse_device
 from swssl.errors import SwsslError
-from swssl.model import PatchEncoder
+from swssl.model.encoder import PatchEncoder
 
 if TYPE_CHECKING:
     from swssl.export.graph import GraphSpec

@@ -1,0 +1,1 @@
+"""The encoder: backbones as specs, the SWSSL patch encoder and its ImageNet weights, checkpoints."""

@@ -1,0 +1,1 @@
+"""Scoring windows against the memory bank: the bank, the scorers, metrics, evaluation and its reports."""

@@ -1,0 +1,1 @@
+"""Training the encoder on normal windows: the triplet dataset, the SWSSL loss, the loop."""
