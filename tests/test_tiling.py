@@ -44,7 +44,6 @@ def bank_for(encoder, config) -> MemoryBank:
 class ChunkRecorder:
     """A scorer written against the interface alone: it scores each window by its embedding's norm."""
 
-    name = "norm"
     needs = "windows"
     grid = None
     device = torch.device("cpu")

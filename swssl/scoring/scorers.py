@@ -45,7 +45,6 @@ class Accumulator(Protocol):
 class Scorer(Protocol):
     """What the tiling loop knows of a scorer (see the module docstring)."""
 
-    name: ClassVar[str]
     needs: ClassVar[Needs]
     device: torch.device
     grid: tuple[int, int] | None  # the window grid it compares positions on; None: any grid
@@ -132,7 +131,6 @@ class _Scorer:
 class AlignedScorer(_Scorer):
     """Position-matched nearest neighbour. Memory: chunk x R x C x D x 4 bytes (chunk = bank images per step)."""
 
-    name = "aligned"
     needs: ClassVar[Needs] = "grid"
 
     def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", radius: int = 0, top: int = 1,
@@ -173,7 +171,6 @@ class AlignedScorer(_Scorer):
 class GlobalScorer(_Scorer):
     """k nearest bank windows anywhere. Memory: (windows of the image) x (chunk + k) x 4 + chunk x D x 4 bytes."""
 
-    name = "global"
     needs: ClassVar[Needs] = "windows"
     grid = None
 
@@ -219,7 +216,6 @@ def knn_distances(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.T
 class ReferenceScorer(_Scorer):
     """The official evaluate.py score. Memory: chunk x R x C x D x 4 bytes."""
 
-    name = "reference"
     needs: ClassVar[Needs] = "grid"
 
     def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", chunk: int = 8):

@@ -36,7 +36,7 @@ from swssl.config import TRUNK_STRIDE, Config, Geometry
 from swssl.windows.geometry import canvas_shape, grid
 
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # N x 1 x H x W in [0, 1] -> N x D x H/s x W/s
-DEFAULT_TILE = 2048  # px of a tile's core: one pass for a 1024 x 768 slice, (2048 + 448)^2 inputs for slides
+DEFAULT_TILE = 2048  # px of a tile's core: one pass for a 1024 x 768 slice, (2048 + 2 halo)^2 inputs for slides
 
 
 def halo_for(backbone: str) -> int:
