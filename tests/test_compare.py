@@ -41,3 +41,13 @@ def test_table_of_two_report_folders(tmp_path):
     assert "| 0.7500 | 1.0000 |" in row and "+0.2500 [" in row
     result = CliRunner().invoke(cli.compare, [str(tmp_path)])
     assert result.exit_code == 1 and "no test-<scorer>/eval.json" in result.output
+
+
+def test_two_runs_eval_folders_are_told_apart_by_their_run(tmp_path):
+    labels = [0, 0, 1, 1]
+    write_report(tmp_path / "resnet" / "eval", "global", labels, [0.1, 0.6, 0.5, 0.9])
+    write_report(tmp_path / "mobilenet" / "eval", "global", labels, [0.1, 0.2, 0.5, 0.9])
+    result = CliRunner().invoke(cli.compare, [str(tmp_path / "resnet" / "eval"), str(tmp_path / "mobilenet" / "eval")])
+    assert result.exit_code == 0, result.output
+    header = result.output.splitlines()[0]
+    assert "image AUROC (resnet/eval)" in header and "image AUROC (mobilenet/eval)" in header

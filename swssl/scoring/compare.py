@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from swssl.errors import SwsslError
+from swssl.registry import SCORER_NAMES
 from swssl.scoring.metrics import image_auroc
 
 METRICS = (("image AUROC", "image_auroc", "{:.4f}"), ("pixel AUROC", "pixel_auroc", "{:.4f}"),
@@ -31,13 +32,21 @@ def read_reports(folder: Path, split: str) -> dict[str, dict]:
     return reports
 
 
+def _labels(folders: list[Path]) -> list[str]:
+    """Each folder's name, or parent/name where names repeat (runs/a/eval vs runs/b/eval)."""
+    names = [folder.name for folder in folders]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{folder.resolve().parent.name}/{folder.name}" for folder in folders]
+
+
 def comparison_table(folders: list[Path], split: str = "test") -> str:
     """Markdown: one row per scorer, each metric for each folder side by side."""
     reports = [read_reports(folder, split) for folder in folders]
-    scorers = [name for name in ("aligned", "global", "reference") if any(name in r for r in reports)]
+    scorers = [name for name in SCORER_NAMES if any(name in r for r in reports)]
     if not scorers:
         raise SwsslError(f"no {split}-<scorer>/eval.json under {', '.join(map(str, folders))} (run swssl-eval first)")
-    labels = [folder.name for folder in folders]
+    labels = _labels(folders)
     header = ["scorer"] + [f"{metric} ({label})" for metric, _, _ in METRICS for label in labels]
     header += [f"seconds ({label})" for label in labels]
     if len(folders) == 2:
