@@ -38,7 +38,7 @@ def dense_flops_per_window(encoder: torch.nn.Module, config: Any) -> int:
 
     g = config.with_mode("dense").geometry
     rows, cols = grid(g)
-    image = _random(encoder, *canvas_shape(g.height, g.width, g))
+    image = _random(encoder, *canvas_shape(g.height, g.width, g, config.stride))
     return _in_eval(encoder, lambda: count_flops(encoder.feature_map, image)) // (len(rows) * len(cols))
 
 

@@ -171,6 +171,7 @@ def run_checks(report: Report, work: Path, precisions: list[str], device: torch.
             index = device.index if device.index is not None else torch.cuda.current_device()
             providers = [("CUDAExecutionProvider", {"device_id": index, "use_tf32": 0}), "CPUExecutionProvider"]
             backend = backends.OnnxRuntimeBackend(Path(manifest_path).parent / "model.onnx", device, providers)
+            backend.stride = source.config.stride
             row(f"ONNX, {backend.name} IO binding, TF32 off{suffix}", "fp32",
                 probe(mode).check(backend, "fp32", "cuda"), None)
         else:

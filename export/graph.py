@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from swssl.config import TRUNK_STRIDE, Config
-from swssl.windows.dense import DEFAULT_TILE, halo_for
+from swssl.config import Config
+from swssl.model.backbones import backbone_spec
+from swssl.windows.dense import DEFAULT_TILE
 from swssl.export.profile import BatchProfile
 from swssl.model.encoder import PatchEncoder
 
@@ -56,34 +57,38 @@ class FeatureMapGraph(nn.Module):
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """The interface of one artifact: its mode, window size, batch profile and image sides (px)."""
+    """The interface of one artifact: its mode, window size, batch profile, image sides (px) and the trunk's
+    stride (image sides of a dense graph are multiples of it)."""
 
     mode: str
     patch: int
     batch: BatchProfile
     sides: dict[str, int]  # min / opt / max image side; the patch at all three in exact mode
+    stride: int
 
     @classmethod
     def of(cls, config: Config, batch: BatchProfile, tile: int = DEFAULT_TILE) -> "GraphSpec":
         """The spec of a run's configuration (its geometry.mode) for a batch profile."""
-        patch = config.geometry.patch
+        patch, spec = config.geometry.patch, backbone_spec(config.model.backbone)
         if config.geometry.mode != "dense":
-            return cls.exact(patch, batch)
-        top = tile + 2 * halo_for(config.model.backbone)
-        return cls("dense", patch, batch, {"min": TRUNK_STRIDE, "opt": min(OPT_SIDE, top), "max": top})
+            return cls.exact(patch, batch, spec.stride)
+        top = tile + 2 * spec.halo
+        return cls("dense", patch, batch, {"min": spec.stride, "opt": min(OPT_SIDE, top), "max": top}, spec.stride)
 
     @classmethod
-    def exact(cls, patch: int, batch: BatchProfile) -> "GraphSpec":
+    def exact(cls, patch: int, batch: BatchProfile, stride: int) -> "GraphSpec":
         """Windows of `patch` px in, embeddings out."""
-        return cls("exact", patch, batch, dict.fromkeys(PROFILE_KEYS, patch))
+        return cls("exact", patch, batch, dict.fromkeys(PROFILE_KEYS, patch), stride)
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> "GraphSpec":
         """The spec an artifact was built for (manifests of exact artifacts record no sides)."""
-        geometry = Config.from_dict(manifest.get("config", {})).geometry
+        config = Config.from_dict(manifest.get("config", {}))
+        geometry, stride = config.geometry, config.stride
         batch = BatchProfile.from_dict(manifest["batch"])
         sides = manifest.get("input", {}).get("sides")
-        return cls(geometry.mode, geometry.patch, batch, sides) if sides else cls.exact(geometry.patch, batch)
+        return cls(geometry.mode, geometry.patch, batch, sides, stride) if sides else cls.exact(geometry.patch, batch,
+                                                                                                 stride)
 
     @property
     def dense(self) -> bool:
@@ -110,7 +115,7 @@ class GraphSpec:
     def example(self, device: str | torch.device = "cpu") -> torch.Tensor:
         """A tracing input: batch >= 2 and, in dense mode, unequal sides (no 0/1 or H == W specialisation)."""
         count = max(2, min(self.batch.opt, 4))
-        height, width = (3 * TRUNK_STRIDE, 2 * TRUNK_STRIDE) if self.dense else (self.patch, self.patch)
+        height, width = (3 * self.stride, 2 * self.stride) if self.dense else (self.patch, self.patch)
         return torch.rand(count, 1, height, width, device=device)
 
     def dynamic_shapes(self) -> tuple[dict[int, Any]]:
@@ -119,9 +124,9 @@ class GraphSpec:
         Dim = torch.export.Dim
         axes: dict[int, Any] = {0: Dim("batch", min=1, max=max(self.batch.max, 2))}
         if self.dense:
-            low, high = self.sides["min"] // TRUNK_STRIDE, self.sides["max"] // TRUNK_STRIDE
-            axes[2] = TRUNK_STRIDE * Dim("h_cells", min=low, max=high)
-            axes[3] = TRUNK_STRIDE * Dim("w_cells", min=low, max=high)
+            low, high = self.sides["min"] // self.stride, self.sides["max"] // self.stride
+            axes[2] = self.stride * Dim("h_cells", min=low, max=high)
+            axes[3] = self.stride * Dim("w_cells", min=low, max=high)
         return (axes,)
 
     def shapes(self) -> dict[str, tuple[int, int, int, int]]:
@@ -136,8 +141,8 @@ class GraphSpec:
                      "note": "raw grayscale windows; channel replication and normalisation are inside the graph"},
                     {"name": OUTPUT, "shape": ["batch", dim], "dtype": "float32"})
         return ({"name": DENSE_INPUT, "shape": ["batch", 1, "height", "width"], "dtype": "float32",
-                 "range": [0.0, 1.0], "multiple_of": TRUNK_STRIDE, "sides": dict(self.sides),
+                 "range": [0.0, 1.0], "multiple_of": self.stride, "sides": dict(self.sides),
                  "note": "raw grayscale images or tiles, sides multiples of the stride; channel replication "
                          "and normalisation are inside the graph"},
-                {"name": DENSE_OUTPUT, "shape": ["batch", dim, f"height/{TRUNK_STRIDE}", f"width/{TRUNK_STRIDE}"],
+                {"name": DENSE_OUTPUT, "shape": ["batch", dim, f"height/{self.stride}", f"width/{self.stride}"],
                  "dtype": "float32", "note": "the trunk's feature cells; windows are pooled from them in torch"})

@@ -216,6 +216,7 @@ def export_onnx_artifact(source: Source, out: Path, request: ExportRequest, devi
     manifest["external_data"] = {name: sha256_file(folder / name) for name in info.pop("external_data")}
     manifest["export"] = info
     backend = OnnxRuntimeBackend(artifact, "cpu")  # the reference runtime for the graph itself
+    backend.stride = probe.spec.stride
     report = probe.check(backend, "fp32", "cpu")
     report["runtime"] = f"onnxruntime {manifest['versions']['onnxruntime']} CPUExecutionProvider"
     return [_finish(folder, manifest, report, echo, "onnx")]
@@ -264,6 +265,7 @@ def export_tensorrt_artifact(source: Source, out: Path, request: ExportRequest, 
     manifest["gpu"] = gpu_info(device)
     manifest["tensorrt"] = {**info, "onnx": str(onnx_path), "onnx_sha256": onnx_manifest["artifact_sha256"]}
     backend = TensorRTBackend(artifact, device, request.version_compatible)
+    backend.stride = probe.spec.stride
     report = probe.check(backend, precision, device)
     return [*made, _finish(folder, manifest, report, echo, f"tensorrt {precision}")]
 
@@ -285,6 +287,7 @@ def export_aoti_artifact(source: Source, out: Path, request: ExportRequest, devi
     manifest["gpu"] = gpu_info(device)
     manifest["export"] = info
     backend = AotiBackend(artifact, device, request.batch.to_dict(), source.encoder.dim, probe.spec.dense)
+    backend.stride = probe.spec.stride
     with strict_fp32(device, precision):
         report = probe.check(backend, precision, device)
     return [_finish(folder, manifest, report, echo, f"aoti {device.type} {precision}")]

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from swssl.config import Config
-from swssl.windows.dense import FeatureMap, halo_for, pad_to_canvas, tiled_feature_map
+from swssl.model.backbones import backbone_spec
+from swssl.windows.dense import FeatureMap, pad_to_canvas, tiled_feature_map
 from swssl.errors import SwsslError
 from swssl.export.errors import ExportError
 from swssl.export.graph import GraphSpec
@@ -102,7 +103,7 @@ def training_canvases(config: Config, run_dir: str | Path | None = None, data: s
     """Up to `count` training images as dense mode embeds them (H x W float32 CPU, zero-padded to the
     dense canvas: sides multiples of the stride; `config` is in dense mode), and where they came from."""
     images, source = _resized_images(config, run_dir, data, count)
-    return [pad_to_canvas(image, config.geometry) for image in images], source
+    return [pad_to_canvas(image, config.geometry, config.stride) for image in images], source
 
 
 def _resized_images(config: Config, run_dir: str | Path | None, data: str | Path | None,
@@ -169,10 +170,10 @@ def reference_embeddings(encoder: PatchEncoder, windows: torch.Tensor, batch: in
 
 
 @torch.inference_mode()
-def reference_cells(encoder: PatchEncoder, images: list[torch.Tensor], halo: int) -> list[torch.Tensor]:
-    """The checkpoint's feature map (D x H/32 x W/32 per image) in float32 on the CPU, run as dense mode runs it."""
+def reference_cells(encoder: PatchEncoder, images: list[torch.Tensor], halo: int, stride: int) -> list[torch.Tensor]:
+    """The checkpoint's feature map (D x H/s x W/s per image) in float32 on the CPU, run as dense mode runs it."""
     model = copy.deepcopy(encoder).float().cpu().eval()
-    return [tiled_feature_map(model.feature_map, image.cpu().float(), halo) for image in images]
+    return [tiled_feature_map(model.feature_map, image.cpu().float(), halo, stride) for image in images]
 
 
 def verification_batches(count: int, profile: BatchProfile) -> list[int]:
@@ -224,10 +225,10 @@ def verify(run: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, r
 
 
 def verify_dense(feature_map: FeatureMap, images: list[torch.Tensor], reference: list[torch.Tensor], precision: str,
-                 halo: int, source: str = "", device: str = "cpu") -> dict[str, Any]:
+                 halo: int, stride: int, source: str = "", device: str = "cpu") -> dict[str, Any]:
     """Run a dense artifact's feature map on whole `images` (in tiles past one); compare its cells with `reference`."""
     with torch.inference_mode():
-        outputs = [tiled_feature_map(feature_map, image.to(device), halo).float().cpu() for image in images]
+        outputs = [tiled_feature_map(feature_map, image.to(device), halo, stride).float().cpu() for image in images]
     metrics = compare(_cell_rows(outputs), _cell_rows(reference))
     return _report(metrics, precision,
                    {"images": len(images), "shapes": [list(image.shape) for image in images],
@@ -259,8 +260,8 @@ class Probe:
     def check(self, backend: Backend, precision: str, device: str | torch.device) -> dict[str, Any]:
         """The verification report of an artifact's backend (called like swssl-infer calls it in its mode)."""
         if self.spec.dense:
-            return verify_dense(backend.feature_map, self.inputs, self.reference, precision, self.halo, self.where,
-                                str(device))
+            return verify_dense(backend.feature_map, self.inputs, self.reference, precision, self.halo,
+                                self.spec.stride, self.where, str(device))
         return verify(backend, self.inputs, self.reference, precision, self.spec.batch, self.where, str(device))
 
 
@@ -269,9 +270,9 @@ def make_probe(encoder: PatchEncoder, config: Config, spec: GraphSpec, run_dir: 
     """Training windows (exact: `windows` of them, default MIN + OPT + 7) or images (dense) and their references."""
     if spec.dense:
         images, source = training_canvases(config, run_dir, data)
-        halo = halo_for(config.model.backbone)
+        halo = backbone_spec(config.model.backbone).halo
         sizes = ", ".join(f"{h} x {w}" for h, w in dict.fromkeys(tuple(i.shape) for i in images))
-        return Probe(spec, images, reference_cells(encoder, images, halo),
+        return Probe(spec, images, reference_cells(encoder, images, halo, spec.stride),
                      f"{len(images)} training images ({sizes} px, {source})", halo)
     inputs, where = training_windows(config, run_dir, data, windows or default_window_count(spec.batch))
     return Probe(spec, inputs, reference_embeddings(encoder, inputs), where)

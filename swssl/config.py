@@ -17,10 +17,6 @@ from typing import Any
 
 from swssl.errors import ConfigError
 
-# Every registered backbone (swssl/model/backbones.py) maps H x W pixels to H/32 x W/32 feature cells: its
-# spec's stride is the authority (Config.validate uses it); modules not yet routed through the spec
-# use this constant, so tests/test_backbones.py checks that every spec's stride equals it.
-TRUNK_STRIDE = 32
 MODES = ("exact", "dense")
 
 
@@ -120,6 +116,13 @@ class Config:
     def with_mode(self, mode: str | None) -> "Config":
         """This configuration in another geometry mode (itself when None); ConfigError if invalid there."""
         return self if mode is None else self.override({"geometry": {"mode": mode}}).validate()
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per feature cell of the backbone's trunk (its spec's): dense mode's lattice."""
+        from swssl.model.backbones import backbone_spec
+
+        return backbone_spec(self.model.backbone).stride
 
     def validate(self) -> "Config":
         from swssl.model.backbones import BACKBONES  # torch and torchvision: not needed to merely read a configuration

@@ -1,11 +1,18 @@
 """Backbone specs: what each declares is what its trunk does, and torchvision's names and weights fit it."""
+import numpy as np
 import pytest
 import torch
 import torchvision
+from torch import nn
 
-from swssl.model.backbones import BACKBONES, backbone_spec
-from swssl.config import TRUNK_STRIDE, load_preset
+from swssl.config import load_preset
+from swssl.data.readers import open_image
 from swssl.errors import ConfigError, WeightsError
+from swssl.model.backbones import BACKBONES, BackboneSpec, backbone_spec
+from swssl.model.encoder import build_encoder
+from swssl.windows.embed import embed_image
+from swssl.windows.geometry import canvas_shape, grid
+from swssl.windows.stream import SlideStream
 
 SIDE = 64  # px: 2 x 2 cells at stride 32
 
@@ -34,10 +41,38 @@ def test_torchvision_state_dicts_fit_the_trunk_once_the_classifier_is_dropped(na
     assert spec.imagenet_weights() in torchvision.models.get_model_weights(name)
 
 
-def test_every_stride_is_the_trunk_stride_constant():
-    """swssl.config.TRUNK_STRIDE stands in for the spec's stride in modules not yet routed through the
-    spec (geometry, stream, backends, export/graph): a backbone of another stride must route them first."""
-    assert {spec.stride for spec in BACKBONES.values()} == {TRUNK_STRIDE}
+def test_a_backbone_of_another_stride_runs_dense_mode_in_memory_and_streamed(tmp_path, monkeypatch):
+    """The stride comes from the spec everywhere: a per-pixel trunk pooled over 16 x 16 cells (stride 16,
+    halo 0) embeds 32 px windows every 16 px densely, in memory and streamed, as float64 numpy does."""
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 5, 1), nn.AvgPool2d(16))
+
+    spec = BackboneSpec("per_pixel_16", build, 5, 16, ("fc.",), "ResNet18_Weights.IMAGENET1K_V1")
+    monkeypatch.setitem(BACKBONES, spec.name, spec)
+    config = load_preset("demo").override({"geometry": {"height": 80, "width": 64, "patch": 32, "step": 16,
+                                                        "mode": "dense"}, "model": {"backbone": spec.name}}).validate()
+    assert config.stride == 16 and spec.halo == 0
+    torch.manual_seed(0)
+    encoder = build_encoder(config).eval()
+    image = np.random.default_rng(0).random((70, 64)).astype(np.float32)  # 70 rows: padded to the 16 px lattice
+    dense, _ = embed_image(encoder, image, config)
+    rows, cols = grid(config.geometry, *image.shape)
+    canvas = np.zeros(canvas_shape(*image.shape, config.geometry, config.stride))
+    canvas[:70] = image
+    conv1, conv2 = encoder.trunk[0], encoder.trunk[2]
+    w1, b1 = conv1.weight.detach().double().numpy()[:, :, 0, 0], conv1.bias.detach().double().numpy()
+    w2, b2 = conv2.weight.detach().double().numpy()[:, :, 0, 0], conv2.bias.detach().double().numpy()
+    x = (canvas[..., None] - encoder.mean.double().numpy().ravel()) / encoder.std.double().numpy().ravel()
+    features = np.maximum(x @ w1.T + b1, 0) @ w2.T + b2
+    expected = np.stack([np.stack([features[y:y + 32, c:c + 32].mean((0, 1)) for c in cols]) for y in rows])
+    np.testing.assert_allclose(dense.numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.save(tmp_path / "slide.npy", image)
+    with open_image(tmp_path / "slide.npy") as reader:
+        chunks = list(SlideStream(reader, 0, config, block_rows=16).chunks(encoder, every_window=True))
+    streamed = np.zeros_like(expected)
+    for chunk in chunks:
+        streamed[chunk.rows.numpy(), chunk.cols.numpy()] = chunk.embeddings.numpy()
+    np.testing.assert_allclose(streamed, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_halo_per_backbone():

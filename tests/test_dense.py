@@ -89,7 +89,7 @@ def test_geometry_must_be_multiples_of_the_trunk_stride():
 ])
 def test_canvas_and_grid(size, policy, canvas, starts):
     config = dense_config(policy=policy)
-    assert canvas_shape(*size, config.geometry) == canvas
+    assert canvas_shape(*size, config.geometry, config.stride) == canvas
     rows, cols = grid(config.geometry, *size)
     exact_rows, exact_cols = grid(config.with_mode("exact").geometry, *size)
     assert len(rows) == starts and (len(rows), len(cols)) == (len(exact_rows), len(exact_cols))
@@ -122,7 +122,7 @@ def test_per_pixel_trunk_dense_equals_exact_and_float64(size):
     image = texture(size, 0)
     dense, foreground = embed_image(encoder, image, config)
     rows, cols = grid(config.geometry, *size)
-    canvas = np.zeros(canvas_shape(*size, config.geometry), np.float32)
+    canvas = np.zeros(canvas_shape(*size, config.geometry, config.stride), np.float32)
     canvas[:size[0], :size[1]] = image
     expected = per_pixel_reference(encoder, canvas, rows, cols, 64)
     np.testing.assert_allclose(dense.numpy(), expected, rtol=1e-5, atol=1e-5)
@@ -139,8 +139,8 @@ def test_stitched_tiles_equal_the_whole_image_map(request, backbone, tile):
     image = torch.from_numpy(texture((640, 480), 1))
     with torch.inference_mode():
         whole = encoder.feature_map(image[None, None])[0]
-        stitched = tiled_feature_map(encoder.feature_map, image, halo_for(backbone), tile)
-        short_halo = tiled_feature_map(encoder.feature_map, image, 64, tile)
+        stitched = tiled_feature_map(encoder.feature_map, image, halo_for(backbone), 32, tile)
+        short_halo = tiled_feature_map(encoder.feature_map, image, 64, 32, tile)
     scale = whole.abs().max().item()
     assert (stitched - whole).abs().max().item() < 1e-5 * scale
     assert (short_halo - whole).abs().max().item() > 1e-2 * scale  # the halo is needed: the check can fail
@@ -158,7 +158,7 @@ def test_tiles_without_wanted_cells_are_not_run(resnet18):
 
     with torch.inference_mode():
         whole = resnet18.feature_map(image[None, None])[0]
-        partial = tiled_feature_map(counting, image, halo_for("resnet18"), 128, wanted=wanted)
+        partial = tiled_feature_map(counting, image, halo_for("resnet18"), 32, 128, wanted=wanted)
     outside = torch.ones(16, 16, dtype=torch.bool)
     outside[:4, 8:12] = False  # the one tile run
     assert len(calls) == 1 and (partial[:, outside] == 0).all()

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from swssl.inference.backends import (AotiBackend, BackendError, OnnxRuntimeBackend, TensorRTBackend, TorchBackend,
-                            load_backend)
+                                      load_backend)
 from swssl.model.checkpoint import load_checkpoint, load_encoder, save_checkpoint
 from swssl.windows.embed import embed_image
 from swssl.export import cli, verify
@@ -49,7 +49,7 @@ def test_dense_onnx_cells_match_the_feature_map_on_non_square_sizes(dense):
     run, _ = dense
     path = run / "export" / "onnx-dense" / "model.onnx"
     check_onnx(path, "dense")
-    backend = OnnxRuntimeBackend(path, "cpu")
+    backend, _ = load_backend(path, "onnxruntime", "cpu")  # from its manifest: the stride among the rest
     encoder, _ = load_encoder(run)
     assert backend.dense and backend.dim == 512
     for height, width, count in ((96, 160, 1), (224, 64, 2)):

@@ -26,7 +26,7 @@ import numpy as np
 
 from swssl.errors import ConfigError, ImageReadError
 from swssl.data.integrity import (END_MARKERS, TIFF_CODESTREAMS, PydicomWarnings, ShortReads, codestream_size,
-                             ends_with_marker, png_missing, read_at, segment_bytes, strict_pillow)
+                                  ends_with_marker, png_missing, read_at, segment_bytes, strict_pillow)
 
 if TYPE_CHECKING:
     import pydicom

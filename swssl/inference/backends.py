@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from swssl.registry import BACKENDS, BY_BACKEND, BY_NAME, TORCH_BACKENDS, kind_of_file
+from swssl.model.backbones import backbone_spec
 from swssl.model.checkpoint import BEST, CHECKPOINT, load_encoder, weights_digest
-from swssl.config import TRUNK_STRIDE, Config
+from swssl.config import Config
 from swssl.device import parse_device
 from swssl.errors import SwsslError
 from swssl.model.encoder import PatchEncoder
@@ -70,6 +71,7 @@ class Backend(ABC):
     device: torch.device = torch.device("cpu")
     max_batch: int | None = None
     dim: int = 0
+    stride: int = 0  # input pixels per feature cell (the backbone's), set by whoever opens the backend
     precision = "fp32"
     artifact: Path | None = None
     reason = ""
@@ -79,12 +81,16 @@ class Backend(ABC):
         return self._batched(self._run, windows, (self.dim,))
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        """The trunk's cells (N x D x H/32 x W/32 float32 on self.device) of raw images (N x 1 x H x W in [0, 1])."""
+        """The trunk's cells (N x D x H/s x W/s float32 on self.device, s its stride) of raw images
+        (N x 1 x H x W in [0, 1])."""
         height, width = images.shape[-2:]
-        if height % TRUNK_STRIDE or width % TRUNK_STRIDE:
-            raise BackendError(f"dense mode needs image sides that are multiples of {TRUNK_STRIDE} px, "
+        if not self.stride:
+            raise BackendError(f"{self.artifact or self.name}: the trunk's stride is unknown; open the backend with "
+                               "open_backend / load_backend, which read it from the manifest")
+        if height % self.stride or width % self.stride:
+            raise BackendError(f"dense mode needs image sides that are multiples of {self.stride} px, "
                                f"not {height} x {width}")
-        return self._batched(self._cells, images, (self.dim, height // TRUNK_STRIDE, width // TRUNK_STRIDE))
+        return self._batched(self._cells, images, (self.dim, height // self.stride, width // self.stride))
 
     def _batched(self, run, inputs: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """`run` on float32 device inputs in chunks of at most max_batch; no inputs: an empty N x `shape` result."""
@@ -120,7 +126,7 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         self.precision, self.dtype = precision, DTYPES[precision]
         self.encoder = encoder.to(self.device, self.dtype).eval()
-        self.dim = encoder.dim
+        self.dim, self.stride = encoder.dim, backbone_spec(encoder.backbone_name).stride
         if self.device.type == "cuda":
             self.encoder = self.encoder.to(memory_format=torch.channels_last)
         if compile:
@@ -172,10 +178,10 @@ class ArtifactBackend(Backend):
         return self._infer(images)
 
     def _output_shape(self, inputs: torch.Tensor) -> tuple[int, ...]:
-        """The graph's output shape for `inputs`: N x D, or N x D x H/32 x W/32 for a dense graph."""
+        """The graph's output shape for `inputs`: N x D, or N x D x H/s x W/s for a dense graph."""
         if not self.dense:
             return len(inputs), self.dim
-        return len(inputs), self.dim, inputs.shape[2] // TRUNK_STRIDE, inputs.shape[3] // TRUNK_STRIDE
+        return len(inputs), self.dim, inputs.shape[2] // self.stride, inputs.shape[3] // self.stride
 
 
 class OnnxRuntimeBackend(ArtifactBackend):
@@ -514,6 +520,7 @@ def _open(kind: str, manifest: dict[str, Any], device: torch.device) -> Backend:
     dim = int(manifest.get("output", {}).get("shape", [0, 0])[1] or 0)
     backend = BY_BACKEND[kind].load("backend_class").from_manifest(artifact, manifest, device, spec, dim)
     backend.dim = backend.dim or dim
+    backend.stride = Config.from_dict(manifest.get("config", {})).stride
     backend.precision = manifest.get("precision", "fp32")
     backend.manifest = manifest
     return backend

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from swssl.config import Config, Geometry
 from swssl.model.backbones import backbone_spec
-from swssl.config import TRUNK_STRIDE, Config, Geometry
 from swssl.windows.geometry import canvas_shape, grid
 
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # N x 1 x H x W in [0, 1] -> N x D x H/s x W/s
@@ -44,8 +44,8 @@ def halo_for(backbone: str) -> int:
     return backbone_spec(backbone).halo
 
 
-def tiled_feature_map(feature_map: FeatureMap, image: torch.Tensor, halo: int, tile: int = DEFAULT_TILE,
-                      stride: int = TRUNK_STRIDE, wanted: torch.Tensor | None = None) -> torch.Tensor:
+def tiled_feature_map(feature_map: FeatureMap, image: torch.Tensor, halo: int, stride: int, tile: int = DEFAULT_TILE,
+                      wanted: torch.Tensor | None = None) -> torch.Tensor:
     """The trunk's map (D x H/s x W/s) of `image` (H x W, both multiples of s), run in tiles.
 
     Each tile's core is `tile` px square; its input reaches `halo` px further on each side
@@ -78,7 +78,7 @@ def tiled_feature_map(feature_map: FeatureMap, image: torch.Tensor, halo: int, t
 
 
 def covered_cells(windows: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch: int, shape: tuple[int, int],
-                  stride: int = TRUNK_STRIDE) -> torch.Tensor:
+                  stride: int) -> torch.Tensor:
     """The cells (h x w bool) that the windows marked in `windows` (R x C bool, the dense grid) cover."""
     size = patch // stride
     r0, c0, step_r, step_c = _lattice(rows, cols, stride)
@@ -99,7 +99,7 @@ def _lattice(rows: np.ndarray, cols: np.ndarray, stride: int) -> tuple[int, int,
 
 
 def pool_windows(cells: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch: int,
-                 stride: int = TRUNK_STRIDE) -> torch.Tensor:
+                 stride: int) -> torch.Tensor:
     """Window embeddings (R x C x D float32): the mean of the cells each window covers.
 
     `cells` (D x h x w) is the map of a region whose top-left pixel is (0, 0); `rows` / `cols`
@@ -109,7 +109,7 @@ def pool_windows(cells: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch:
 
 
 def lattice_window_max(image: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch: int,
-                       stride: int = TRUNK_STRIDE) -> torch.Tensor:
+                       stride: int) -> torch.Tensor:
     """Largest pixel of every dense-grid window (R x C), as `geometry.window_max`, in two max-pools.
 
     `image` (H x W, multiples of `stride`) starts at pixel (0, 0): a window's maximum is the
@@ -128,9 +128,9 @@ def _over_windows(cells: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch
     return pool(region[None], size, (step_r, step_c))[0]
 
 
-def pad_to_canvas(image: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+def pad_to_canvas(image: torch.Tensor, geometry: Geometry, stride: int) -> torch.Tensor:
     """`image` (H x W) zero-padded at the bottom and right to its dense canvas (`geometry.canvas_shape`)."""
-    height, width = canvas_shape(*image.shape, geometry)
+    height, width = canvas_shape(*image.shape, geometry, stride)
     return F.pad(image, (0, width - image.shape[1], 0, height - image.shape[0]))
 
 
@@ -138,9 +138,9 @@ def pad_to_canvas(image: torch.Tensor, geometry: Geometry) -> torch.Tensor:
 def embed_dense(feature_map: FeatureMap, image: torch.Tensor, config: Config,
                 tile: int = DEFAULT_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense window embeddings (R x C x D float32) and foreground (R x C bool) of `image` (H x W, on its device)."""
-    g = config.geometry
-    canvas = pad_to_canvas(image, g)
+    g, spec = config.geometry, backbone_spec(config.model.backbone)
+    canvas = pad_to_canvas(image, g, spec.stride)
     rows, cols = grid(g, *image.shape)
-    foreground = lattice_window_max(canvas, rows, cols, g.patch) > config.preprocess.foreground_threshold
-    cells = tiled_feature_map(feature_map, canvas, halo_for(config.model.backbone), tile)
-    return pool_windows(cells, rows, cols, g.patch), foreground
+    foreground = lattice_window_max(canvas, rows, cols, g.patch, spec.stride) > config.preprocess.foreground_threshold
+    cells = tiled_feature_map(feature_map, canvas, spec.halo, spec.stride, tile)
+    return pool_windows(cells, rows, cols, g.patch, spec.stride), foreground

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from swssl.config import TRUNK_STRIDE, Geometry
+from swssl.config import Geometry
 
 
 def window_starts(length: int, patch: int, step: int, policy: str = "cover") -> np.ndarray:
@@ -26,31 +26,32 @@ def window_starts(length: int, patch: int, step: int, policy: str = "cover") -> 
     return starts
 
 
-def canvas_shape(height: int, width: int, geometry: Geometry) -> tuple[int, int]:
+def canvas_shape(height: int, width: int, geometry: Geometry, stride: int) -> tuple[int, int]:
     """The size an image is embedded at: itself in exact mode; zero-padded at the bottom and right in dense mode.
 
-    Dense windows must start on multiples of the trunk's stride. For the "cover" grid the canvas
+    Dense windows must start on multiples of the trunk's `stride`. For the "cover" grid the canvas
     is just large enough that the lattice 0, step, 2 step, ... reaches the border (as many windows
     as exact mode; the last row and column shifted into the padding instead of aligned to the
     border); for "reference" it is the next multiple of the stride.
     """
     if geometry.mode != "dense":
         return height, width
-    return _dense_length(height, geometry), _dense_length(width, geometry)
+    if geometry.grid == "cover":
+        return _cover_length(height, geometry), _cover_length(width, geometry)
+    return math.ceil(height / stride) * stride, math.ceil(width / stride) * stride
 
 
-def _dense_length(length: int, g: Geometry) -> int:
-    if g.grid == "cover":
-        return g.patch + math.ceil(max(0, length - g.patch) / g.step) * g.step
-    return math.ceil(length / TRUNK_STRIDE) * TRUNK_STRIDE
+def _cover_length(length: int, g: Geometry) -> int:
+    """The dense canvas side of the "cover" grid: the lattice 0, step, 2 step, ... reaches the border."""
+    return g.patch + math.ceil(max(0, length - g.patch) / g.step) * g.step
 
 
 def grid(geometry: Geometry, height: int | None = None, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Row and column start offsets for an image (the configured size unless given)."""
     height = geometry.height if height is None else height
     width = geometry.width if width is None else width
-    if geometry.grid == "cover":
-        height, width = canvas_shape(height, width, geometry)
+    if geometry.grid == "cover" and geometry.mode == "dense":
+        height, width = _cover_length(height, geometry), _cover_length(width, geometry)
     return (window_starts(height, geometry.patch, geometry.step, geometry.grid),
             window_starts(width, geometry.patch, geometry.step, geometry.grid))
 

@@ -55,9 +55,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from swssl.config import TRUNK_STRIDE, Config
-from swssl.windows.dense import (DEFAULT_TILE, FeatureMap, covered_cells, halo_for, lattice_window_max, pool_windows,
-                         tiled_feature_map)
+from swssl.config import Config
+from swssl.model.backbones import backbone_spec
+from swssl.windows.dense import (DEFAULT_TILE, FeatureMap, covered_cells, lattice_window_max, pool_windows,
+                                 tiled_feature_map)
 from swssl.windows.embed import Encode, empty_embedding, grid_windows
 from swssl.errors import ConfigError, ImageReadError
 from swssl.windows.geometry import canvas_shape, grid
@@ -268,8 +269,9 @@ class SlideStream:
         cells (D x tile/32 x width/32) and its window embeddings.
         """
         g = self.config.geometry
-        halo, stride = halo_for(self.config.model.backbone), TRUNK_STRIDE
-        canvas_h, canvas_w = canvas_shape(*self.shape, g)
+        spec = backbone_spec(self.config.model.backbone)
+        halo, stride = spec.halo, spec.stride
+        canvas_h, canvas_w = canvas_shape(*self.shape, g, stride)
         per_band = max(1, (tile - 2 * halo - self.patch) // g.step + 1)
         strip = _Strip(self._blocks(), self.shape[1], self.device, self.reader.path)
         try:
@@ -284,8 +286,8 @@ class SlideStream:
                 embeddings = None
                 if foreground.any() or not skip_background:
                     wanted = covered_cells(foreground, local, self.cols, self.patch,
-                                           (len(slab) // stride, canvas_w // stride)) if skip_background else None
-                    cells = tiled_feature_map(feature_map, slab, halo, tile, stride, wanted)
+                                           (len(slab) // stride, canvas_w // stride), stride) if skip_background else None
+                    cells = tiled_feature_map(feature_map, slab, halo, stride, tile, wanted)
                     embeddings = pool_windows(cells, local, self.cols, self.patch, stride)
                 yield DenseBand(r0, embeddings, foreground)
             self._finish(strip.blocks)
