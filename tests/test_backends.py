@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from swssl.inference.backends import (AotiBackend, Backend, BackendError, OnnxRuntimeBackend, TorchBackend, default_providers,
-                                      load_backend)
+from swssl.inference.backends import (AotiBackend, Backend, BackendError, OnnxRuntimeBackend, TorchBackend,
+                                      default_providers, load_backend)
 from swssl.model.checkpoint import load_checkpoint, load_encoder, save_checkpoint
 from swssl.errors import ConfigError
 from swssl.export import verify

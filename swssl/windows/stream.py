@@ -109,9 +109,10 @@ class SlideStream:
     """One frame of a reader, streamed as batches of foreground windows (see the module docstring).
 
     A `tiling.WindowSource`: `grid` says where the windows lie, `chunks` embeds them. After
-    iterating `batches()`, `dense_bands()` or `chunks()` to the end: `foreground` (R x C bool, numpy) tells which windows
-    were encoded, `scored` / `skipped` count them, and `thumbnail` (when `thumbnail_side` was
-    given) is the frame downsampled by `thumbnail_factor` (area mean) for overlays.
+    iterating `batches()`, `dense_bands()` or `chunks()` to the end: `foreground` (R x C bool,
+    numpy) tells which windows were encoded, `scored` / `skipped` count them, and `thumbnail`
+    (when `thumbnail_side` was given) is the frame downsampled by `thumbnail_factor` (area mean)
+    for overlays.
     """
 
     def __init__(self, reader: ImageReader, frame: int, config: Config, *, scale: float = 1.0,
@@ -285,8 +286,9 @@ class SlideStream:
                 self.foreground[r0:r0 + len(rows)] = foreground.cpu().numpy()
                 embeddings = None
                 if foreground.any() or not skip_background:
-                    wanted = covered_cells(foreground, local, self.cols, self.patch,
-                                           (len(slab) // stride, canvas_w // stride), stride) if skip_background else None
+                    cells_shape = (len(slab) // stride, canvas_w // stride)
+                    wanted = covered_cells(foreground, local, self.cols, self.patch, cells_shape,
+                                           stride) if skip_background else None
                     cells = tiled_feature_map(feature_map, slab, halo, stride, tile, wanted)
                     embeddings = pool_windows(cells, local, self.cols, self.patch, stride)
                 yield DenseBand(r0, embeddings, foreground)
