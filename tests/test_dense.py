@@ -14,8 +14,8 @@ from swssl import cli
 from swssl.scoring.bank import BankMismatchError, MemoryBank, bank_file
 from swssl.model.checkpoint import save_checkpoint
 from swssl.config import load_preset
-from swssl.model.backbones import receptive_field
-from swssl.windows.dense import embed_dense, halo_for, tiled_feature_map
+from swssl.model.backbones import backbone_spec, receptive_field
+from swssl.windows.dense import embed_dense, tiled_feature_map
 from swssl.windows.embed import embed_image
 from swssl.errors import ConfigError, SwsslError
 from swssl.windows.geometry import canvas_shape, grid
@@ -104,7 +104,7 @@ def test_receptive_field_matches_the_gradient_of_one_cell(request, backbone, exp
     encoder = request.getfixturevalue(backbone)
     field = receptive_field(encoder.trunk)
     assert (field.size, field.stride, field.start, field.halo) == expected
-    assert halo_for(backbone) == field.halo and halo_for("wide_resnet50_2") == 224
+    assert backbone_spec(backbone).halo == field.halo and backbone_spec("wide_resnet50_2").halo == 224
     image = torch.rand(1, 1, 768, 768, requires_grad=True)  # cell 12's field lies inside it for both trunks
     encoder.feature_map(image)[0, :, 12, 12].sum().backward()
     rows = image.grad[0, 0].abs().sum(1).nonzero().ravel()
@@ -139,7 +139,7 @@ def test_stitched_tiles_equal_the_whole_image_map(request, backbone, tile):
     image = torch.from_numpy(texture((640, 480), 1))
     with torch.inference_mode():
         whole = encoder.feature_map(image[None, None])[0]
-        stitched = tiled_feature_map(encoder.feature_map, image, halo_for(backbone), 32, tile)
+        stitched = tiled_feature_map(encoder.feature_map, image, backbone_spec(backbone).halo, 32, tile)
         short_halo = tiled_feature_map(encoder.feature_map, image, 64, 32, tile)
     scale = whole.abs().max().item()
     assert (stitched - whole).abs().max().item() < 1e-5 * scale
@@ -158,7 +158,7 @@ def test_tiles_without_wanted_cells_are_not_run(resnet18):
 
     with torch.inference_mode():
         whole = resnet18.feature_map(image[None, None])[0]
-        partial = tiled_feature_map(counting, image, halo_for("resnet18"), 32, 128, wanted=wanted)
+        partial = tiled_feature_map(counting, image, backbone_spec("resnet18").halo, 32, 128, wanted=wanted)
     outside = torch.ones(16, 16, dtype=torch.bool)
     outside[:4, 8:12] = False  # the one tile run
     assert len(calls) == 1 and (partial[:, outside] == 0).all()

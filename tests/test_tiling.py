@@ -61,6 +61,8 @@ class ChunkRecorder:
             def update(self, chunk):
                 recorder.chunks.append(chunk)
                 chosen = chunk.foreground
+                if chosen is None:  # every window of the chunk is foreground
+                    chosen = torch.ones_like(chunk.rows, dtype=torch.bool)
                 self.map[chunk.rows[chosen], chunk.cols[chosen]] = chunk.embeddings[chosen].norm(dim=1)
 
             def finalize(self, foreground):
@@ -109,7 +111,7 @@ def test_a_windows_scorer_alone_is_handed_only_foreground_windows_in_batches(tmp
     with open_image(tmp_path / "slide.npy") as reader:
         result = score_source(SlideStream(reader, 0, config, batch_size=5), encoder, {"norm": recorder})["norm"]
     sizes = [len(chunk.rows) for chunk in recorder.chunks]
-    assert all(chunk.foreground.all() for chunk in recorder.chunks)
+    assert all(chunk.foreground is None or chunk.foreground.all() for chunk in recorder.chunks)
     assert sizes[:-1] == [5] * (len(sizes) - 1) and sum(sizes) == result.scored > 0
 
 

@@ -75,7 +75,7 @@ class _WindowByWindow:
 
     def update(self, chunk: Chunk) -> None:
         chosen = chunk.foreground
-        if chosen.all():
+        if chosen is None:
             rows, cols, embeddings = chunk.rows, chunk.cols, chunk.embeddings
         else:
             rows, cols, embeddings = chunk.rows[chosen], chunk.cols[chosen], chunk.embeddings[chosen]

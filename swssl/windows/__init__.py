@@ -1,1 +1,2 @@
-"""Cutting images into windows and embedding them: the grid, exact and dense embedding, streaming, the one embed-and-score loop."""
+"""Cutting images into windows and embedding them: the grid, exact and dense embedding, streaming,
+the one embed-and-score loop."""

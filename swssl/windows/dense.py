@@ -39,11 +39,6 @@ FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # N x 1 x H x W in [0, 1] -
 DEFAULT_TILE = 2048  # px of a tile's core: one pass for a 1024 x 768 slice, (2048 + 2 halo)^2 inputs for slides
 
 
-def halo_for(backbone: str) -> int:
-    """The tile halo of a backbone's trunk (from its spec: computed once from the trunk's structure)."""
-    return backbone_spec(backbone).halo
-
-
 def tiled_feature_map(feature_map: FeatureMap, image: torch.Tensor, halo: int, stride: int, tile: int = DEFAULT_TILE,
                       wanted: torch.Tensor | None = None) -> torch.Tensor:
     """The trunk's map (D x H/s x W/s) of `image` (H x W, both multiples of s), run in tiles.

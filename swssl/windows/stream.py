@@ -309,14 +309,15 @@ class SlideStream:
                     chosen = torch.ones_like(band.foreground) if every_window else band.foreground
                     where = chosen.nonzero()
                     yield Chunk(where[:, 0] + band.first_row, where[:, 1], band.embeddings[chosen],
-                                band.foreground[chosen])
+                                band.foreground[chosen] if every_window else None)
             return
         with contextlib.closing(self.batches(self.batch_size)) as batches:
             for batch in batches:
-                yield Chunk(batch.rows, batch.cols, encode(batch.windows).float(),
-                            torch.ones_like(batch.rows, dtype=torch.bool))
+                yield Chunk(batch.rows, batch.cols, encode(batch.windows).float())
+        if not every_window:
+            return
         background = torch.as_tensor(~self.foreground, device=self.device).nonzero()
-        if every_window and len(background):
+        if len(background):
             empty = empty_embedding(encode, self.patch, self.device)
             yield Chunk(background[:, 0], background[:, 1], empty.expand(len(background), -1),
                         torch.zeros(len(background), dtype=torch.bool, device=self.device))

@@ -37,12 +37,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class Chunk:
-    """Embedded windows: grid positions (K each), embeddings (K x D float32) and which are foreground (K bool)."""
+    """Embedded windows: grid positions (K each), embeddings (K x D float32) and which are foreground (K bool;
+    None when all are, as in a streamed batch: no device-to-host sync to find out)."""
 
     rows: torch.Tensor
     cols: torch.Tensor
     embeddings: torch.Tensor
-    foreground: torch.Tensor
+    foreground: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def score_source(source: WindowSource, encode: Encode, scorers: Mapping[str, Sco
             for state in states.values():
                 state.update(chunk)
             if progress is not None:
-                encoded += int(chunk.foreground.sum())
+                encoded += len(chunk.rows) if chunk.foreground is None else int(chunk.foreground.sum())
                 progress(encoded)
         foreground = torch.as_tensor(source.foreground)
         results = {name: state.finalize(foreground) for name, state in states.items()}
