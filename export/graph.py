@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from swssl.config import Config
-from swssl.model.backbones import backbone_spec
 from swssl.windows.dense import DEFAULT_TILE
 from swssl.export.profile import BatchProfile
 from swssl.model.encoder import PatchEncoder
@@ -69,11 +68,12 @@ class GraphSpec:
     @classmethod
     def of(cls, config: Config, batch: BatchProfile, tile: int = DEFAULT_TILE) -> "GraphSpec":
         """The spec of a run's configuration (its geometry.mode) for a batch profile."""
-        patch, spec = config.geometry.patch, backbone_spec(config.model.backbone)
+        patch, features = config.geometry.patch, config.features
         if config.geometry.mode != "dense":
-            return cls.exact(patch, batch, spec.stride)
-        top = tile + 2 * spec.halo
-        return cls("dense", patch, batch, {"min": spec.stride, "opt": min(OPT_SIDE, top), "max": top}, spec.stride)
+            return cls.exact(patch, batch, features.stride)
+        top = tile + 2 * features.halo
+        return cls("dense", patch, batch, {"min": features.stride, "opt": min(OPT_SIDE, top), "max": top},
+                   features.stride)
 
     @classmethod
     def exact(cls, patch: int, batch: BatchProfile, stride: int) -> "GraphSpec":

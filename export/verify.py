@@ -42,7 +42,6 @@ import numpy as np
 import torch
 
 from swssl.config import Config
-from swssl.model.backbones import backbone_spec
 from swssl.windows.dense import FeatureMap, pad_to_canvas, tiled_feature_map
 from swssl.errors import SwsslError
 from swssl.export.errors import ExportError
@@ -270,7 +269,7 @@ def make_probe(encoder: PatchEncoder, config: Config, spec: GraphSpec, run_dir: 
     """Training windows (exact: `windows` of them, default MIN + OPT + 7) or images (dense) and their references."""
     if spec.dense:
         images, source = training_canvases(config, run_dir, data)
-        halo = backbone_spec(config.model.backbone).halo
+        halo = config.features.halo
         sizes = ", ".join(f"{h} x {w}" for h, w in dict.fromkeys(tuple(i.shape) for i in images))
         return Probe(spec, images, reference_cells(encoder, images, halo, spec.stride),
                      f"{len(images)} training images ({sizes} px, {source})", halo)

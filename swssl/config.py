@@ -13,9 +13,12 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swssl.errors import ConfigError
+
+if TYPE_CHECKING:  # swssl.model.backbones imports torch: not needed to merely read a configuration
+    from swssl.model.backbones import FeatureLayout
 
 MODES = ("exact", "dense")
 
@@ -60,6 +63,11 @@ class Model:
     backbone: str = "wide_resnet50_2"
     # "imagenet" (torchvision cache or download), "none" (random) or a path to a torchvision state dict.
     weights: str = "imagenet"
+    # The trunk stages whose feature maps make the embedding (1-based, shallow to deep; the backbone's spec
+    # lists them): (4,) the last, as the paper; (2, 3) mid-level features at stride 16, as PatchCore's.
+    stages: tuple[int, ...] = (4,)
+    # Each cell averaged with its neighbours in a square of this many cells (odd; 1: none), before pooling.
+    neighbourhood: int = 1
 
 
 @dataclass
@@ -118,11 +126,16 @@ class Config:
         return self if mode is None else self.override({"geometry": {"mode": mode}}).validate()
 
     @property
-    def stride(self) -> int:
-        """Input pixels per feature cell of the backbone's trunk (its spec's): dense mode's lattice."""
+    def features(self) -> FeatureLayout:
+        """The encoder's feature map (channels, stride, receptive field) for the model's stages and neighbourhood."""
         from swssl.model.backbones import backbone_spec
 
-        return backbone_spec(self.model.backbone).stride
+        return backbone_spec(self.model.backbone).layout(self.model.stages, self.model.neighbourhood)
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per feature cell: dense mode's lattice."""
+        return self.features.stride
 
     def validate(self) -> "Config":
         from swssl.model.backbones import BACKBONES  # torch and torchvision: not needed to merely read a configuration
@@ -138,13 +151,15 @@ class Config:
             raise ConfigError(f"geometry.inference must be 'resize' or 'native', not {g.inference!r}")
         if g.mode not in MODES:
             raise ConfigError(f"geometry.mode must be 'exact' or 'dense', not {g.mode!r}")
-        if self.model.backbone not in BACKBONES:
-            raise ConfigError(f"model.backbone must be one of {', '.join(BACKBONES)}, not {self.model.backbone!r}")
-        stride = BACKBONES[self.model.backbone].stride
+        self._validate_features(BACKBONES)
+        stride = self.stride
         if g.mode == "dense" and (g.patch % stride or g.step % stride):
-            raise ConfigError(f"dense mode needs patch and step to be multiples of the trunk's stride "
+            raise ConfigError(f"dense mode needs patch and step to be multiples of the feature stride "
                               f"({stride} px), so that every window covers whole feature cells; "
                               f"patch {g.patch} and step {g.step} are not: use --mode exact or change them")
+        if len(self.model.stages) > 1 and g.patch % stride:
+            raise ConfigError(f"model.stages {list(self.model.stages)} needs geometry.patch to be a multiple of "
+                              f"{stride} px, so that every stage's map covers a window in whole cells")
         if self.preprocess.intensity not in ("bits", "minmax"):
             raise ConfigError(f"preprocess.intensity must be 'bits' or 'minmax', not {self.preprocess.intensity!r}")
         if self.train.epochs < 1:
@@ -152,6 +167,18 @@ class Config:
         if self.train.batch_size < 2:
             raise ConfigError("train.batch_size must be at least 2 (the loss standardises over the batch)")
         return self
+
+
+    def _validate_features(self, backbones: dict) -> None:
+        m = self.model
+        if m.backbone not in backbones:
+            raise ConfigError(f"model.backbone must be one of {', '.join(backbones)}, not {m.backbone!r}")
+        count = len(backbones[m.backbone].stages)
+        if not m.stages or list(m.stages) != sorted(set(m.stages)) or not all(1 <= s <= count for s in m.stages):
+            raise ConfigError(f"model.stages must be distinct stages of {m.backbone} from 1 to {count}, shallow "
+                              f"to deep (e.g. [{count}] or [2, 3]), not {list(m.stages)}")
+        if m.neighbourhood < 1 or m.neighbourhood % 2 == 0:
+            raise ConfigError(f"model.neighbourhood must be an odd number of cells (1: none), not {m.neighbourhood}")
 
 
 def _merge(base: Any, data: dict[str, Any]) -> Any:

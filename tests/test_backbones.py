@@ -8,7 +8,7 @@ from torch import nn
 from swssl.config import load_preset
 from swssl.data.readers import open_image
 from swssl.errors import ConfigError, WeightsError
-from swssl.model.backbones import BACKBONES, BackboneSpec, backbone_spec
+from swssl.model.backbones import BACKBONES, BackboneSpec, Stage, backbone_spec
 from swssl.model.encoder import build_encoder
 from swssl.windows.embed import embed_image
 from swssl.windows.geometry import canvas_shape, grid
@@ -18,26 +18,37 @@ SIDE = 64  # px: 2 x 2 cells at stride 32
 
 
 @pytest.mark.parametrize("name", BACKBONES)
-def test_dim_and_stride_are_the_trunks_own(name):
-    """A real forward pass: the output has `dim` channels and one cell per `stride` px."""
+def test_each_stage_has_the_channels_and_stride_it_declares(name):
+    """A real forward pass through every stage: `channels` channels, one cell per `stride` px; the last
+    stage is the trunk's output."""
     spec = backbone_spec(name)
     torch.manual_seed(0)
+    trunk = spec.build_trunk().eval()
+    outputs = {}
+    for stage in spec.stages:
+        trunk.get_submodule(stage.node).register_forward_hook(
+            lambda module, args, out, node=stage.node: outputs.__setitem__(node, out))
     with torch.no_grad():
-        cells = spec.build_trunk().eval()(torch.rand(1, 3, SIDE, 2 * SIDE))
-    assert cells.shape[1] == spec.dim
-    assert (SIDE // cells.shape[2], 2 * SIDE // cells.shape[3]) == (spec.stride, spec.stride)
-    assert spec.receptive_field.stride == spec.stride
+        cells = trunk(torch.rand(1, 3, SIDE, 2 * SIDE))
+    assert outputs[spec.stages[-1].node] is cells
+    for stage in spec.stages:
+        shape = outputs[stage.node].shape
+        assert shape[1] == stage.channels, stage
+        assert (SIDE // shape[2], 2 * SIDE // shape[3]) == (stage.stride, stage.stride), stage
+        assert spec.layout((spec.stages.index(stage) + 1,)).receptive_field.stride == stage.stride
+    assert [s.stride for s in spec.stages] == [4, 8, 16, 32]
 
 
 @pytest.mark.parametrize("name", BACKBONES)
-def test_torchvision_state_dicts_fit_the_trunk_once_the_classifier_is_dropped(name):
-    """The trunk keeps torchvision's parameter names; the classifier prefixes cover every other key."""
+def test_torchvision_state_dicts_fit_the_trunk(name):
+    """The trunk keeps torchvision's parameter names: every trunk tensor is in torchvision's state dict, and
+    what is left over is the classifier."""
     spec = backbone_spec(name)
     with torch.device("meta"):
         full = torchvision.models.get_model(name, weights=None).state_dict()
         trunk = spec.build_trunk().state_dict()
-    assert {k for k in full if not k.startswith(spec.classifier)} == set(trunk)
-    assert any(k.startswith(spec.classifier) for k in full)
+    assert set(trunk) < set(full)
+    assert {key.split(".")[0] for key in set(full) - set(trunk)} == {"fc" if "resnet" in name else "classifier"}
     assert spec.imagenet_weights() in torchvision.models.get_model_weights(name)
 
 
@@ -47,11 +58,12 @@ def test_a_backbone_of_another_stride_runs_dense_mode_in_memory_and_streamed(tmp
     def build() -> nn.Module:
         return nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 5, 1), nn.AvgPool2d(16))
 
-    spec = BackboneSpec("per_pixel_16", build, 5, 16, ("fc.",), "ResNet18_Weights.IMAGENET1K_V1")
+    spec = BackboneSpec("per_pixel_16", build, (Stage("3", 5, 16),), "ResNet18_Weights.IMAGENET1K_V1")
     monkeypatch.setitem(BACKBONES, spec.name, spec)
     config = load_preset("demo").override({"geometry": {"height": 80, "width": 64, "patch": 32, "step": 16,
-                                                        "mode": "dense"}, "model": {"backbone": spec.name}}).validate()
-    assert config.stride == 16 and spec.halo == 0
+                                                        "mode": "dense"},
+                                           "model": {"backbone": spec.name, "stages": [1]}}).validate()
+    assert config.stride == 16 and config.features.halo == 0
     torch.manual_seed(0)
     encoder = build_encoder(config).eval()
     image = np.random.default_rng(0).random((70, 64)).astype(np.float32)  # 70 rows: padded to the 16 px lattice
@@ -59,7 +71,7 @@ def test_a_backbone_of_another_stride_runs_dense_mode_in_memory_and_streamed(tmp
     rows, cols = grid(config.geometry, *image.shape)
     canvas = np.zeros(canvas_shape(*image.shape, config.geometry, config.stride))
     canvas[:70] = image
-    conv1, conv2 = encoder.trunk[0], encoder.trunk[2]
+    conv1, conv2 = encoder.trunk.get_submodule("0"), encoder.trunk.get_submodule("2")
     w1, b1 = conv1.weight.detach().double().numpy()[:, :, 0, 0], conv1.bias.detach().double().numpy()
     w2, b2 = conv2.weight.detach().double().numpy()[:, :, 0, 0], conv2.bias.detach().double().numpy()
     x = (canvas[..., None] - encoder.mean.double().numpy().ravel()) / encoder.std.double().numpy().ravel()
@@ -77,7 +89,7 @@ def test_a_backbone_of_another_stride_runs_dense_mode_in_memory_and_streamed(tmp
 
 def test_halo_per_backbone():
     """From each trunk's structure (tests/test_dense.py checks fields against input gradients)."""
-    halos = {name: spec.halo for name, spec in BACKBONES.items()}
+    halos = {name: spec.layout().halo for name, spec in BACKBONES.items()}
     assert halos == {"wide_resnet50_2": 224, "resnet50": 224, "resnet18": 224, "mobilenet_v2": 256}
 
 

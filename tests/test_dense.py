@@ -9,12 +9,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from swssl import cli
 from swssl.scoring.bank import BankMismatchError, MemoryBank, bank_file
 from swssl.model.checkpoint import save_checkpoint
 from swssl.config import load_preset
-from swssl.model.backbones import backbone_spec, receptive_field
 from swssl.windows.dense import embed_dense, tiled_feature_map
 from swssl.windows.embed import embed_image
 from swssl.errors import ConfigError, SwsslError
@@ -53,17 +53,25 @@ def mobilenet_v2():
     return build_encoder(dense_config().override({"model": {"backbone": "mobilenet_v2"}})).eval()
 
 
+@pytest.fixture(scope="module")
+def resnet18_mid():
+    """Mid-level features: stages 2 + 3 at stride 16, a 3-cell neighbourhood."""
+    torch.manual_seed(0)
+    return build_encoder(dense_config().override({"model": {"stages": [2, 3], "neighbourhood": 3}})).eval()
+
+
 def per_pixel_encoder(config) -> nn.Module:
     """An encoder whose trunk is a per-pixel network (1 x 1 convolutions) averaged over 32 x 32 cells."""
     torch.manual_seed(1)
     encoder = build_encoder(config).eval()
-    encoder.trunk = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 5, 1), nn.AvgPool2d(32)).eval()
+    network = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 5, 1), nn.AvgPool2d(32))
+    encoder.trunk = create_feature_extractor(network, {"3": encoder.layout.stages[-1].node}).eval()
     return encoder
 
 
 def per_pixel_reference(encoder, canvas: np.ndarray, rows, cols, patch: int) -> np.ndarray:
     """float64 numpy: each window's embedding = the mean over its pixels of the per-pixel network."""
-    conv1, conv2 = encoder.trunk[0], encoder.trunk[2]
+    conv1, conv2 = encoder.trunk.get_submodule("0"), encoder.trunk.get_submodule("2")
     w1, b1 = conv1.weight.detach().double().numpy()[:, :, 0, 0], conv1.bias.detach().double().numpy()
     w2, b2 = conv2.weight.detach().double().numpy()[:, :, 0, 0], conv2.bias.detach().double().numpy()
     mean, std = encoder.mean.double().numpy().ravel(), encoder.std.double().numpy().ravel()
@@ -73,9 +81,9 @@ def per_pixel_reference(encoder, canvas: np.ndarray, rows, cols, patch: int) -> 
 
 
 def test_geometry_must_be_multiples_of_the_trunk_stride():
-    with pytest.raises(ConfigError, match="multiples of the trunk's stride"):
+    with pytest.raises(ConfigError, match="multiples of the feature stride"):
         load_preset("demo").override({"geometry": {"patch": 100}}).with_mode("dense")
-    with pytest.raises(ConfigError, match="multiples of the trunk's stride"):
+    with pytest.raises(ConfigError, match="multiples of the feature stride"):
         load_preset("demo").override({"geometry": {"step": 16}}).with_mode("dense")
     with pytest.raises(ConfigError, match="'exact' or 'dense'"):
         load_preset("demo").with_mode("sparse")
@@ -97,19 +105,22 @@ def test_canvas_and_grid(size, policy, canvas, starts):
     assert rows[-1] + 64 <= canvas[0] and cols[-1] + 64 <= canvas[1]
 
 
-@pytest.mark.parametrize("backbone, expected", [("resnet18", (435, 32, -217, 224)),
-                                                ("mobilenet_v2", (491, 32, -245, 256))])
-def test_receptive_field_matches_the_gradient_of_one_cell(request, backbone, expected):
-    """The analytic field of the trunk equals where the input gradient of one cell is non-zero."""
-    encoder = request.getfixturevalue(backbone)
-    field = receptive_field(encoder.trunk)
+@pytest.mark.parametrize("backbone, stages, neighbourhood, expected", [
+    ("resnet18", (4,), 1, (435, 32, -217, 224)), ("mobilenet_v2", (4,), 1, (491, 32, -245, 256)),
+    ("resnet18", (2, 3), 3, (243, 16, -121, 128)), ("mobilenet_v2", (2, 3), 3, (299, 16, -149, 160))])
+def test_receptive_field_matches_the_gradient_of_one_cell(backbone, stages, neighbourhood, expected):
+    """The analytic field of the feature map (the last stage, or stages 2 + 3 pooled to stride 16 after a
+    3-cell neighbourhood average) equals where the input gradient of one cell is non-zero."""
+    torch.manual_seed(0)
+    encoder = build_encoder(dense_config().override({"model": {
+        "backbone": backbone, "stages": stages, "neighbourhood": neighbourhood}})).eval()
+    field = encoder.layout.receptive_field
     assert (field.size, field.stride, field.start, field.halo) == expected
-    assert backbone_spec(backbone).halo == field.halo and backbone_spec("wide_resnet50_2").halo == 224
-    image = torch.rand(1, 1, 768, 768, requires_grad=True)  # cell 12's field lies inside it for both trunks
+    image = torch.rand(1, 1, 768, 768, requires_grad=True)  # cell 12's field lies inside it for every layout
     encoder.feature_map(image)[0, :, 12, 12].sum().backward()
     rows = image.grad[0, 0].abs().sum(1).nonzero().ravel()
     cols = image.grad[0, 0].abs().sum(0).nonzero().ravel()
-    expected = (12 * 32 + field.start, 12 * 32 + field.start + field.size - 1)
+    expected = (12 * field.stride + field.start, 12 * field.stride + field.start + field.size - 1)
     assert (rows.min().item(), rows.max().item()) == expected
     assert (cols.min().item(), cols.max().item()) == expected
 
@@ -133,14 +144,16 @@ def test_per_pixel_trunk_dense_equals_exact_and_float64(size):
     np.testing.assert_allclose(tiled.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backbone, tile", [("resnet18", 96), ("resnet18", 160), ("mobilenet_v2", 160)])
+@pytest.mark.parametrize("backbone, tile", [("resnet18", 96), ("resnet18", 160), ("mobilenet_v2", 160),
+                                           ("resnet18_mid", 96), ("resnet18_mid", 144)])
 def test_stitched_tiles_equal_the_whole_image_map(request, backbone, tile):
     encoder = request.getfixturevalue(backbone)
     image = torch.from_numpy(texture((640, 480), 1))
+    halo, stride = encoder.layout.halo, encoder.stride
     with torch.inference_mode():
         whole = encoder.feature_map(image[None, None])[0]
-        stitched = tiled_feature_map(encoder.feature_map, image, backbone_spec(backbone).halo, 32, tile)
-        short_halo = tiled_feature_map(encoder.feature_map, image, 64, 32, tile)
+        stitched = tiled_feature_map(encoder.feature_map, image, halo, stride, tile)
+        short_halo = tiled_feature_map(encoder.feature_map, image, 2 * stride, stride, tile)
     scale = whole.abs().max().item()
     assert (stitched - whole).abs().max().item() < 1e-5 * scale
     assert (short_halo - whole).abs().max().item() > 1e-2 * scale  # the halo is needed: the check can fail
@@ -158,7 +171,7 @@ def test_tiles_without_wanted_cells_are_not_run(resnet18):
 
     with torch.inference_mode():
         whole = resnet18.feature_map(image[None, None])[0]
-        partial = tiled_feature_map(counting, image, backbone_spec("resnet18").halo, 32, 128, wanted=wanted)
+        partial = tiled_feature_map(counting, image, resnet18.layout.halo, 32, 128, wanted=wanted)
     outside = torch.ones(16, 16, dtype=torch.bool)
     outside[:4, 8:12] = False  # the one tile run
     assert len(calls) == 1 and (partial[:, outside] == 0).all()

@@ -156,7 +156,7 @@ def test_a_run_in_dense_mode_exports_and_loads_dense_by_default(dense, copy, tmp
 def test_dense_export_of_a_geometry_that_cannot_be_dense_exits_2(tmp_path_factory):
     run, _ = make_tiny_run(tmp_path_factory.getbasetemp() / "export-tiny")  # step 16: not a multiple of 32
     result = CliRunner().invoke(cli.export, [str(run), "--onnx", "--mode", "dense"])
-    assert result.exit_code == 2 and "multiples of the trunk's stride" in result.output  # a usage error
+    assert result.exit_code == 2 and "multiples of the feature stride" in result.output  # a usage error
 
 
 def test_the_tensorrt_provider_profile_spans_the_image_sides(dense, monkeypatch):

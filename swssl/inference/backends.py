@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from swssl.registry import BACKENDS, BY_BACKEND, BY_NAME, TORCH_BACKENDS, kind_of_file
-from swssl.model.backbones import backbone_spec
 from swssl.model.checkpoint import BEST, CHECKPOINT, load_encoder, weights_digest
 from swssl.config import Config
 from swssl.device import parse_device
@@ -126,7 +125,7 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         self.precision, self.dtype = precision, DTYPES[precision]
         self.encoder = encoder.to(self.device, self.dtype).eval()
-        self.dim, self.stride = encoder.dim, backbone_spec(encoder.backbone_name).stride
+        self.dim, self.stride = encoder.dim, encoder.stride
         if self.device.type == "cuda":
             self.encoder = self.encoder.to(memory_format=torch.channels_last)
         if compile:

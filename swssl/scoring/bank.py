@@ -123,10 +123,8 @@ def check_compatible(bank: MemoryBank, config: Config, encoder_digest: str | Non
     """Raise BankMismatchError naming each setting in which the bank and the run differ."""
     ours, theirs = bank.config.to_dict(), config.to_dict()
     differences = [f"{section}.{key}: bank {ours[section][key]!r}, run {theirs[section][key]!r}"
-                   for section in ("geometry", "preprocess") for key in ours[section]
-                   if ours[section][key] != theirs[section][key]]
-    if bank.config.model.backbone != config.model.backbone:
-        differences.append(f"model.backbone: bank {bank.config.model.backbone!r}, run {config.model.backbone!r}")
+                   for section in ("geometry", "preprocess", "model") for key in ours[section]
+                   if ours[section][key] != theirs[section][key] and (section, key) != ("model", "weights")]
     if encoder_digest is not None and encoder_digest != bank.encoder_digest:
         differences.append("encoder weights differ from the ones the bank was built with")
     if differences:

@@ -19,8 +19,8 @@ Tiles. Large images run in tiles whose cores are `tile` px (a multiple of the st
 inputs extend `halo` px beyond the core on every side (clipped at the canvas border). A cell
 depends on the input pixels of its receptive field; `halo` is the receptive field's reach beyond
 the cell rounded up to a multiple of the stride (each backbone's spec computes it, swssl/model/backbones.py:
-ResNet-18 435 px field, halo 224; ResNet-50 and Wide-ResNet-50-2 427 px, halo 224; MobileNetV2
-491 px, halo 256), so the cells of a core never see a tile border and the stitched map equals the
+last stage of ResNet-18: 435 px field, halo 224; ResNet-50 and Wide-ResNet-50-2 427 px, halo
+224; MobileNetV2 491 px, halo 256; ResNet-18 stages 2 + 3 with a 3-cell neighbourhood: halo 128), so the cells of a core never see a tile border and the stitched map equals the
 whole-image map (tested to float tolerance).
 """
 from __future__ import annotations
@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 from swssl.config import Config, Geometry
-from swssl.model.backbones import backbone_spec
 from swssl.windows.geometry import canvas_shape, grid
 
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # N x 1 x H x W in [0, 1] -> N x D x H/s x W/s
@@ -133,9 +132,9 @@ def pad_to_canvas(image: torch.Tensor, geometry: Geometry, stride: int) -> torch
 def embed_dense(feature_map: FeatureMap, image: torch.Tensor, config: Config,
                 tile: int = DEFAULT_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense window embeddings (R x C x D float32) and foreground (R x C bool) of `image` (H x W, on its device)."""
-    g, spec = config.geometry, backbone_spec(config.model.backbone)
-    canvas = pad_to_canvas(image, g, spec.stride)
+    g, features = config.geometry, config.features
+    canvas = pad_to_canvas(image, g, features.stride)
     rows, cols = grid(g, *image.shape)
-    foreground = lattice_window_max(canvas, rows, cols, g.patch, spec.stride) > config.preprocess.foreground_threshold
-    cells = tiled_feature_map(feature_map, canvas, spec.halo, spec.stride, tile)
-    return pool_windows(cells, rows, cols, g.patch, spec.stride), foreground
+    foreground = lattice_window_max(canvas, rows, cols, g.patch, features.stride) > config.preprocess.foreground_threshold
+    cells = tiled_feature_map(feature_map, canvas, features.halo, features.stride, tile)
+    return pool_windows(cells, rows, cols, g.patch, features.stride), foreground

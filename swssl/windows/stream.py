@@ -56,7 +56,6 @@ import torch
 import torch.nn.functional as F
 
 from swssl.config import Config
-from swssl.model.backbones import backbone_spec
 from swssl.windows.dense import (DEFAULT_TILE, FeatureMap, covered_cells, lattice_window_max, pool_windows,
                                  tiled_feature_map)
 from swssl.windows.embed import Encode, empty_embedding, grid_windows
@@ -270,8 +269,8 @@ class SlideStream:
         cells (D x tile/32 x width/32) and its window embeddings.
         """
         g = self.config.geometry
-        spec = backbone_spec(self.config.model.backbone)
-        halo, stride = spec.halo, spec.stride
+        features = self.config.features
+        halo, stride = features.halo, features.stride
         canvas_h, canvas_w = canvas_shape(*self.shape, g, stride)
         per_band = max(1, (tile - 2 * halo - self.patch) // g.step + 1)
         strip = _Strip(self._blocks(), self.shape[1], self.device, self.reader.path)
