@@ -66,7 +66,9 @@ def demo_data(out_dir: Path, seed: int) -> None:
               help="Dataset: a folder in the chest or DBT layout, or a CSV manifest (path,label,split[,frame,mask]).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory: checkpoint, config and training log are written here.")
-@click.option("--epochs", type=int, help="Number of epochs (overrides the preset; extends a resumed run).")
+@click.option("--epochs", type=click.IntRange(min=0),
+              help="Number of epochs (overrides the preset; extends a resumed run). 0: no training, the "
+                   "initialisation as it is (a baseline to compare a trained run with).")
 @click.option("--batch-size", type=int, help="Windows per step.")
 @click.option("--lr", type=float, help="SGD learning rate.")
 @click.option("--weights", help="Backbone initialisation: imagenet, none, or PATH to a torchvision state dict.")
@@ -167,6 +169,9 @@ def bank(run_dir: Path, data: Path, fp32: bool, mode: str | None, device: str, b
 @run_dir_argument
 @data_option
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--images", "per_class", type=click.IntRange(min=1),
+              help="Score only N normal and N abnormal images, evenly spread over the split (a quick look; "
+                   "the AUROC intervals widen). Default: all.")
 @click.option("--scorer", "scorers", multiple=True, default=SCORER_NAMES, show_default=True,
               type=click.Choice(SCORER_NAMES), help=f"Repeat to run several. {SCORER_HELP}")
 @scorer_option_flags
@@ -176,9 +181,11 @@ def bank(run_dir: Path, data: Path, fp32: bool, mode: str | None, device: str, b
 @device_option
 @batch_option
 @friendly_errors
-def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], scorer_values: dict[str, Any],
-             out_dir: Path | None, mode: str | None, device: str, batch_size: int) -> None:
-    """Score a split against the run's memory bank and report image / pixel AUROC and lesion hits.
+def evaluate(run_dir: Path, data: Path, split: str, per_class: int | None, scorers: tuple[str, ...],
+             scorer_values: dict[str, Any], out_dir: Path | None, mode: str | None, device: str,
+             batch_size: int) -> None:
+    """Score a split against the run's memory bank and report image AUROC (with its 95 % bootstrap interval),
+    pixel AUROC and lesion hits.
 
     Writes eval.json, images.csv, roc.png and heatmap overlays to RUN_DIR/eval/<split>-<scorer>/.
     Dense mode (--mode dense) needs the run's dense bank (swssl-bank RUN_DIR --data DIR --mode dense).
@@ -186,7 +193,7 @@ def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], sc
     """
     from swssl.scoring.bank import MemoryBank
     from swssl.model.checkpoint import load_encoder, weights_digest
-    from swssl.data.datasets import discover, select
+    from swssl.data.datasets import discover, select, spread
     from swssl.scoring.evaluate import evaluate as run_evaluation, format_summaries
     from swssl.scoring.scorers import scorer_options
     from swssl.device import parse_device
@@ -196,6 +203,7 @@ def evaluate(run_dir: Path, data: Path, split: str, scorers: tuple[str, ...], sc
     config = config.with_mode(mode)
     memory = MemoryBank.load(run_dir, config=config, encoder_digest=weights_digest(encoder))
     samples = select(discover(data), split)
+    samples = spread(samples, per_class) if per_class else samples
     options = scorer_options(list(dict.fromkeys(scorers)), **scorer_values)
     out_dir = out_dir or run_dir / ("eval-dense" if config.geometry.mode == "dense" else "eval")
     summaries = run_evaluation(encoder.to(dev), memory, samples, config, options, out_dir, split, dev, batch_size)

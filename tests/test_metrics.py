@@ -110,3 +110,27 @@ def test_top_window_and_lesion_hits():
     # With the grouping dilation, lesions closer than `group` px merge into one (calcification clusters).
     assert lesion_hits(scores, rows, cols, patch, mask, group=8)[1] == 1
     assert top_window(np.full((3, 3), np.nan), rows, cols) is None
+
+
+def test_bootstrap_aurocs_are_roc_auc_scores_of_class_stratified_resamples():
+    """Each resample's AUROC (rank statistic, ties included) is sklearn's on the same draw, which keeps both
+    classes at their sizes; the 95 % interval holds the AUROC and narrows as the split grows."""
+    from sklearn.metrics import roc_auc_score
+
+    from swssl.scoring.metrics import auroc_interval, bootstrap_aurocs
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(30, int), np.ones(20, int)]
+    scores = np.round(rng.normal(size=50) + 0.8 * labels, 1)  # rounded: ties
+    aurocs = bootstrap_aurocs(labels, scores, -scores, resamples=40, seed=5)
+    draw = np.random.default_rng(5)
+    pick = np.concatenate([draw.choice(np.arange(30), (40, 30)), draw.choice(np.arange(30, 50), (40, 20))], axis=1)
+    expected = [roc_auc_score(labels[p], scores[p]) for p in pick]
+    np.testing.assert_allclose(aurocs[:, 0], expected, atol=1e-12)
+    np.testing.assert_allclose(aurocs[:, 1], 1 - aurocs[:, 0], atol=1e-12)
+    low, high = auroc_interval(labels, scores)
+    assert low < roc_auc_score(labels, scores) < high
+    big = np.tile(labels, 8), np.round(rng.normal(size=400) + 0.8 * np.tile(labels, 8), 1)
+    big_low, big_high = auroc_interval(*big)
+    assert big_high - big_low < 0.6 * (high - low)
+    assert auroc_interval([0, 0, 0], [1.0, 2.0, 3.0]) is None

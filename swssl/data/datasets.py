@@ -74,6 +74,18 @@ def discover(root: str | Path) -> list[Sample]:
     raise DatasetError(f"{root}: no dataset layout recognised; {LAYOUTS_HELP}")
 
 
+def spread(samples: list[Sample], per_class: int) -> list[Sample]:
+    """`per_class` normal and `per_class` abnormal samples, evenly spaced through each class's list (all of a
+    smaller class): a quick evaluation that still spans the whole split, in the split's order."""
+    chosen = set()
+    for label in {s.label for s in samples}:
+        members = [index for index, s in enumerate(samples) if s.label == label]
+        if len(members) > per_class:
+            members = [members[i] for i in np.linspace(0, len(members) - 1, per_class).round().astype(int)]
+        chosen.update(members)
+    return [samples[index] for index in sorted(chosen)]
+
+
 def select(samples: list[Sample], split: str, label: int | None = None, *,
            root: str | Path | None = None) -> list[Sample]:
     """The samples of one split (and label); an empty choice is an error, not a silent no-op.

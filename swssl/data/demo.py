@@ -6,13 +6,17 @@ the breast, padded to the DBT aspect and resized to 1024 x 768 (16-bit PNG). No 
 two splits, so validation and test never score an augmented copy of a training image:
 
     train  benign-rcc, benign-lmlo, malign-lcc, malign-rmlo   6 normal images each (24)
-    val    benign-lcc, malign-lmlo                            4 images each, half abnormal (8)
-    test   benign-rmlo, malign-rcc                            8 images each, half abnormal (16)
+    val    benign-lcc, malign-lmlo                            20 images each, half abnormal (20 + 20)
+    test   benign-rmlo, malign-rcc                            100 images each, half abnormal (100 + 100)
 
 Every image is a mild random crop (85-100 % of the breast's box), maybe flipped vertically,
 with a small gamma jitter. Abnormal images get 1-3 synthetic lesions (masses, spiculated
-masses, calcification clusters) and a mask PNG (0/255). The labels describe the synthetic
-lesions only: the "malign" case's real finding is present in all its views, training included.
+masses, calcification clusters) from subtle to obvious (6-100 px across; 3-60 % of the local
+tissue range added) and a mask PNG (0/255); lesions.csv records each lesion (kind, centre, size,
+contrast). Images come in pairs, one normal and one abnormal, so a build with fewer images per
+view (`counts`) is the first images of the full one, balanced. The labels describe the
+synthetic lesions only: the "malign" case's real finding is present in all its views, training
+included.
 """
 from __future__ import annotations
 
@@ -35,7 +39,9 @@ SPLIT_VIEWS: dict[str, list[tuple[str, str]]] = {
     "val": [("benign", "lcc"), ("malign", "lmlo")],
     "test": [("benign", "rmlo"), ("malign", "rcc")],
 }
-IMAGES_PER_VIEW = {"train": 6, "val": 4, "test": 8}
+IMAGES_PER_VIEW = {"train": 6, "val": 20, "test": 100}
+LESIONS_NAME = "lesions.csv"
+LESION_FIELDS = ("path", "lesion", "kind", "y", "x", "diameter_px", "area_px", "contrast")
 CROP_FRACTION = (0.85, 1.0)
 GAMMA = (0.9, 1.1)
 FOREGROUND = 0.02  # fraction of full scale above which a pixel is breast, not film background
@@ -62,41 +68,54 @@ were added to the images labelled 1 (see the masks). The real findings were not 
 """
 
 
-def build_demo_data(out_dir: Path, seed: int = 0) -> Path:
-    """Write the demo dataset under `out_dir` and return its manifest.csv.
+def build_demo_data(out_dir: Path, seed: int = 0, counts: dict[str, int] | None = None) -> Path:
+    """Write the demo dataset under `out_dir` and return its manifest.csv (lesions.csv beside it).
 
     Deterministic: the same seed gives byte-identical files. Each image draws from its own
-    generator keyed by (seed, view, index), so no image depends on the order of the others.
+    generator keyed by (seed, view, index), and which image of each pair is abnormal from one keyed
+    by (seed, view, pair), so no image depends on the order or the number of the others. `counts`:
+    images per view of each split (even in val and test; default IMAGES_PER_VIEW).
     """
-    out_dir = Path(out_dir)
+    out_dir, counts = Path(out_dir), {**IMAGES_PER_VIEW, **(counts or {})}
     views = _load_views()
     rows: list[tuple[str, int, str, str]] = []
+    lesions: list[dict] = []
     for split, names in SPLIT_VIEWS.items():
         (out_dir / split).mkdir(parents=True, exist_ok=True)
-        count = IMAGES_PER_VIEW[split]
         for case, view in names:
             source, box = views[(case, view)]
             view_id = list(views).index((case, view))
-            abnormal = set() if split == "train" else set(
-                np.random.default_rng([seed, view_id, 1000]).permutation(count)[: count // 2].tolist())
-            for index in range(count):
+            for index in range(counts[split]):
                 rng = np.random.default_rng([seed, view_id, index])
                 image = _augmented(source, box, rng)
                 stem = f"{split}/{case}-{view}-{index:02d}"
+                abnormal = split != "train" and _abnormal(seed, view_id, index)
                 mask_name = ""
-                if index in abnormal:
-                    image, mask = insert_lesions(image, rng)
+                if abnormal:
+                    image, mask, found = insert_lesions(image, rng)
                     mask_name = f"{stem}_mask.png"
                     _save_png(out_dir / mask_name, mask.astype(np.uint8) * 255)
+                    lesions += [{"path": f"{stem}.png", "lesion": number, **lesion}
+                                for number, lesion in enumerate(found, 1)]
                 _save_png(out_dir / f"{stem}.png", np.round(image * 65535).astype(np.uint16))
-                rows.append((f"{stem}.png", int(index in abnormal), split, mask_name))
+                rows.append((f"{stem}.png", int(abnormal), split, mask_name))
     (out_dir / "CREDITS.txt").write_text(CREDITS)
+    with open(out_dir / LESIONS_NAME, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, LESION_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(lesions)
     manifest = out_dir / MANIFEST_NAME
     with open(manifest, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["path", "label", "split", "mask"])
         writer.writerows(rows)
     return manifest
+
+
+def _abnormal(seed: int, view_id: int, index: int) -> bool:
+    """Whether image `index` of a val or test view gets lesions: one of each pair (2k, 2k + 1), drawn."""
+    first = bool(np.random.default_rng([seed, view_id, index // 2, 1000]).integers(2))
+    return first == (index % 2 == 0)
 
 
 def _load_views() -> dict[tuple[str, str], tuple[np.ndarray, tuple[int, int, int, int]]]:
@@ -186,30 +205,34 @@ def _augmented(source: np.ndarray, box: tuple[int, int, int, int], rng: np.rando
 
 
 def insert_lesions(image: np.ndarray, rng: np.random.Generator, count: int | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Add 1-3 (or `count`) synthetic lesions inside the breast; return (image, bool mask).
+                   ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Add 1-3 (or `count`) synthetic lesions inside the breast; return (image, bool mask, lesions).
 
     Each lesion lies wholly inside the breast, at least SKIN_MARGIN px from its edge and from
     the other lesions, and only adds intensity: `contrast` times the local tissue range
-    (2nd..98th percentile around it), clipped to 1.
+    (2nd..98th percentile around it), clipped to 1. `lesions`: per lesion its kind, centre,
+    footprint (area and the diameter of a disc of that area, px) and contrast.
     """
     image = image.copy()
     mask = np.zeros(image.shape, bool)
     breast = _largest_component(image > FOREGROUND)
     depth = ndi.distance_transform_edt(np.pad(breast, 1))[1:-1, 1:-1]
     placed: list[tuple[int, int, float]] = []
+    lesions: list[dict] = []
     for _ in range(int(rng.integers(1, 4)) if count is None else count):
-        make = list(LESIONS.values())[int(rng.choice(len(LESIONS), p=LESION_ODDS))]
+        kind = list(LESIONS)[int(rng.choice(len(LESIONS), p=LESION_ODDS))]
         for shrink in (1.0, 0.7, 0.5, 0.35, 0.25):
-            profile, reach, contrast = make(rng, shrink)
+            profile, reach, contrast = LESIONS[kind](rng, shrink)
             centre = _free_centre(depth, placed, reach, rng)
             if centre is not None:
                 placed.append((*centre, reach))
-                _add_lesion(image, mask, profile, reach, centre, contrast, breast)
+                area = _add_lesion(image, mask, profile, reach, centre, contrast, breast)
+                lesions.append({"kind": kind, "y": centre[0], "x": centre[1], "area_px": area,
+                                "diameter_px": round(2 * np.sqrt(area / np.pi), 1), "contrast": round(contrast, 4)})
                 break
     if not placed:
         raise DatasetError("no room for a synthetic lesion: the breast is too small or not found")
-    return image, mask
+    return image, mask, lesions
 
 
 def _free_centre(depth: np.ndarray, placed: list[tuple[int, int, float]], reach: float,
@@ -224,10 +247,10 @@ def _free_centre(depth: np.ndarray, placed: list[tuple[int, int, float]], reach:
 
 
 def _add_lesion(image: np.ndarray, mask: np.ndarray, profile, reach: float, centre: tuple[int, int],
-                contrast: float, breast: np.ndarray) -> None:
+                contrast: float, breast: np.ndarray) -> int:
     """Add `profile` ((dy, dx) grids -> (intensity 0..1, footprint)) at `centre`, scaled by
-    `contrast` times the local tissue range. The window reaches past the footprint far enough
-    for a Gaussian tail to fade out instead of ending in a step."""
+    `contrast` times the local tissue range; return the footprint's area (px). The window reaches
+    past the footprint far enough for a Gaussian tail to fade out instead of ending in a step."""
     cy, cx = centre
     half = int(np.ceil(2.2 * reach)) + 3
     ys = slice(max(cy - half, 0), min(cy + half + 1, image.shape[0]))
@@ -239,6 +262,7 @@ def _add_lesion(image: np.ndarray, mask: np.ndarray, profile, reach: float, cent
     amplitude = contrast * max(float(high - low), 0.05)
     image[ys, xs] = np.minimum(image[ys, xs] + amplitude * intensity, 1.0)
     mask[ys, xs] |= footprint
+    return int(footprint.sum())
 
 
 def _radius(dy: np.ndarray, dx: np.ndarray, a: float, b: float, angle: float, wobble: np.ndarray
@@ -275,7 +299,7 @@ def _mass(rng: np.random.Generator, shrink: float) -> tuple[Callable, float, flo
     def profile(dy, dx):
         values = _blob(dy, dx, **params)
         return values, values >= MASK_LEVEL
-    return profile, reach, rng.uniform(0.05, 0.35)
+    return profile, reach, _contrast(rng, 0.03, 0.6)
 
 
 def _spiculated(rng: np.random.Generator, shrink: float) -> tuple[Callable, float, float]:
@@ -299,7 +323,7 @@ def _spiculated(rng: np.random.Generator, shrink: float) -> tuple[Callable, floa
             distance = np.hypot(along - start - t * length, across - bend * length * t * t)
             values = np.maximum(values, (0.6 - 0.5 * t) * np.exp(-0.5 * (distance / width) ** 2))
         return values, values >= MASK_LEVEL
-    return profile, reach, rng.uniform(0.05, 0.35)
+    return profile, reach, _contrast(rng, 0.03, 0.6)
 
 
 def _calcifications(rng: np.random.Generator, shrink: float) -> tuple[Callable, float, float]:
@@ -317,7 +341,12 @@ def _calcifications(rng: np.random.Generator, shrink: float) -> tuple[Callable, 
         for (y, x), size in zip(centres, sizes):
             values = np.maximum(values, 1.0 / (1.0 + np.exp((np.hypot(dy - y, dx - x) - size) / 0.4)))
         return values, ndi.binary_dilation(values >= 0.5, iterations=2)
-    return profile, reach, rng.uniform(0.15, 0.35)
+    return profile, reach, _contrast(rng, 0.1, 0.6)
+
+
+def _contrast(rng: np.random.Generator, low: float, high: float) -> float:
+    """A lesion's contrast, log-uniform: as many subtle lesions (a few % of the tissue range) as obvious ones."""
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
 LESIONS = {"mass": _mass, "spiculated": _spiculated, "calcifications": _calcifications}

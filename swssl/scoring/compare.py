@@ -5,7 +5,8 @@
 prints a Markdown table: per scorer, image AUROC, pixel AUROC, lesion hit rate and scoring time
 of each folder, read from their <split>-<scorer>/eval.json. With two folders it adds the paired
 bootstrap 95 % interval of the image AUROC difference (second minus first, the same images
-resampled for both), so a difference can be told from the noise of a small test split.
+resampled for both, within each class), so a difference can be told from the noise of a small
+test split. Each image AUROC is shown with its own 95 % interval.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from swssl.errors import SwsslError
 from swssl.registry import SCORER_NAMES
-from swssl.scoring.metrics import image_auroc
+from swssl.scoring.metrics import bootstrap_aurocs, format_interval, image_auroc
 
 METRICS = (("image AUROC", "image_auroc", "{:.4f}"), ("pixel AUROC", "pixel_auroc", "{:.4f}"),
            ("lesion hit rate", "lesion_hit_rate", "{:.3f}"))
@@ -57,7 +58,8 @@ def comparison_table(folders: list[Path], split: str = "test") -> str:
         for _, key, fmt in METRICS:
             for found in reports:
                 value = found.get(name, {}).get(key)
-                cells.append("n/a" if value is None else fmt.format(value))
+                interval = found.get(name, {}).get(f"{key}_95ci") or ()
+                cells.append("n/a" if value is None else fmt.format(value) + format_interval(interval))
         for found in reports:
             seconds = found.get(name, {}).get("seconds_all_scorers")
             cells.append("n/a" if seconds is None else f"{seconds:.1f}")
@@ -67,17 +69,11 @@ def comparison_table(folders: list[Path], split: str = "test") -> str:
     return "\n".join(lines)
 
 
-def paired_bootstrap(labels: np.ndarray, first: np.ndarray, second: np.ndarray, resamples: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(labels: np.ndarray, first: np.ndarray, second: np.ndarray, resamples: int = 2000
+                     ) -> tuple[float, float, float]:
     """AUROC(second) - AUROC(first) and its percentile 95 % interval over image resamples (both sides resampled alike)."""
-    rng = np.random.default_rng(seed)
-    differences = []
-    for _ in range(resamples):
-        pick = rng.integers(0, len(labels), len(labels))
-        a, b = image_auroc(labels[pick], first[pick]), image_auroc(labels[pick], second[pick])
-        if a is not None and b is not None:
-            differences.append(b - a)
-    low, high = np.percentile(differences, [2.5, 97.5])
+    aurocs = bootstrap_aurocs(labels, first, second, resamples=resamples)
+    low, high = np.percentile(aurocs[:, 1] - aurocs[:, 0], [2.5, 97.5])
     return image_auroc(labels, second) - image_auroc(labels, first), float(low), float(high)
 
 

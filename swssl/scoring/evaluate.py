@@ -16,7 +16,7 @@ from swssl.model.checkpoint import weights_digest
 from swssl.config import Config
 from swssl.data.datasets import Sample, load_mask, load_resized
 from swssl.windows.geometry import grid
-from swssl.scoring.metrics import image_auroc
+from swssl.scoring.metrics import auroc_interval, image_auroc
 from swssl.model.encoder import PatchEncoder
 from swssl.scoring.report import ImageResult, format_table, summarise, write_report
 from swssl.scoring.scorers import build_scorer
@@ -40,12 +40,15 @@ def score_samples(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample]
 
 
 def validation_auroc(encoder: PatchEncoder, train_samples: list[Sample], val_samples: list[Sample],
-                     config: Config, scorer: str, device: str | torch.device, batch_size: int = 256) -> float | None:
-    """Image AUROC on the val split with a bank of `train_samples` (model selection during training)."""
+                     config: Config, scorer: str, device: str | torch.device, batch_size: int = 256
+                     ) -> tuple[float | None, tuple[float, float] | None]:
+    """Image AUROC on the val split with a bank of `train_samples` (model selection during training), and its
+    95 % bootstrap interval."""
     encoder.eval()
     bank = build_bank(encoder, train_samples, config, weights_digest(encoder), batch_size, device, torch.float32)
     results = score_samples(encoder, bank, val_samples, config, {scorer: {}}, device, batch_size, progress=False)
-    return image_auroc([r.label for r in results[scorer]], [r.score for r in results[scorer]])
+    labels, scores = [r.label for r in results[scorer]], [r.score for r in results[scorer]]
+    return image_auroc(labels, scores), auroc_interval(labels, scores)
 
 
 def evaluate(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], config: Config,

@@ -1,4 +1,4 @@
-"""Evaluation metrics for window-score maps: image AUROC, pixel AUROC and lesion hits.
+"""Evaluation metrics for window-score maps: image AUROC (with bootstrap intervals), pixel AUROC and lesion hits.
 
 SWSSL scores windows, not pixels, so the pixel-level metrics first spread each window's score
 over the pixels it covers (`pixel_map`). Everything here is plain numpy / scipy / scikit-learn
@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 # 8-connectivity: pixels touching by a corner belong to the same lesion.
@@ -22,6 +23,42 @@ def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
     if np.unique(labels).size < 2:
         return None
     return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
+
+
+def bootstrap_aurocs(labels: Sequence[int], *scores: Sequence[float], resamples: int = 2000,
+                     seed: int = 0) -> np.ndarray:
+    """Image AUROCs of resampled splits (resamples x len(scores)): normals and abnormals drawn with
+    replacement within their class, the same draw for every score set (so their differences pair).
+
+    Each AUROC is the Mann-Whitney statistic of average ranks, which is what roc_auc_score gives
+    (ties count one half), computed for all resamples at once.
+    """
+    labels = np.asarray(labels)
+    if np.unique(labels).size < 2:
+        raise ValueError("bootstrap intervals of an AUROC need both classes")
+    rng = np.random.default_rng(seed)
+    normal, abnormal = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    pick = np.concatenate([rng.choice(normal, (resamples, len(normal))),
+                           rng.choice(abnormal, (resamples, len(abnormal)))], axis=1)
+    pairs = len(normal) * len(abnormal)
+    out = []
+    for values in scores:
+        ranks = rankdata(np.asarray(values, dtype=np.float64)[pick], axis=1)[:, len(normal):]
+        out.append((ranks.sum(axis=1) - len(abnormal) * (len(abnormal) + 1) / 2) / pairs)
+    return np.stack(out, axis=1)
+
+
+def auroc_interval(labels: Sequence[int], scores: Sequence[float]) -> tuple[float, float] | None:
+    """The percentile 95 % bootstrap interval of the image AUROC (None when only one class is present)."""
+    if np.unique(np.asarray(labels)).size < 2:
+        return None
+    low, high = np.percentile(bootstrap_aurocs(labels, scores)[:, 0], [2.5, 97.5])
+    return float(low), float(high)
+
+
+def format_interval(interval: Sequence[float] | None) -> str:
+    """ " [low, high]" of a 95 % interval; empty when there is none."""
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
 
 
 def pixel_map(window_scores: np.ndarray, rows: np.ndarray, cols: np.ndarray, patch: int,

@@ -61,6 +61,7 @@ def summarise(results: list[ImageResult], rows: np.ndarray, cols: np.ndarray, pa
         "images": len(results),
         "abnormal": sum(1 for r in results if r.label == 1),
         "image_auroc": metrics.image_auroc([r.label for r in results], [r.score for r in results]),
+        "image_auroc_95ci": metrics.auroc_interval([r.label for r in results], [r.score for r in results]),
         "pixel_auroc": metrics.pixel_auroc(maps, masks) if annotated else None,
         "lesion_hit_rate": hit / lesions if lesions else None,
         "lesions": lesions,
@@ -100,6 +101,8 @@ def _format_value(value: Any) -> str:
         return "n/a"
     if isinstance(value, (float, np.floating)):
         return f"{value:.4f}"
+    if isinstance(value, (tuple, list)) and all(isinstance(v, float) for v in value):
+        return "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
     return str(value)
 
 

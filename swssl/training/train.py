@@ -25,6 +25,7 @@ from swssl.device import parse_device
 from swssl.errors import ConfigError, DatasetError, SwsslError
 from swssl.files import LOCK, FolderLock, atomic_write
 from swssl.data.datasets import Sample, discover, load_resized, select
+from swssl.scoring.metrics import format_interval
 from swssl.scoring.evaluate import validation_auroc
 from swssl.training.loss import LossTerms, swssl_loss
 from swssl.model.encoder import build_encoder
@@ -110,7 +111,7 @@ def _train(config: Config, data: str | Path, out: Path, dev: torch.device, resum
     if epochs is not None:
         config = config.override({"train": {"epochs": epochs}})
     tc = config.train
-    if start_epoch >= tc.epochs:
+    if resume and start_epoch >= tc.epochs:
         tqdm.write(f"{out}: training already complete ({start_epoch} of {tc.epochs} epochs); nothing to train "
                    "(--epochs N extends it)")
 
@@ -135,6 +136,9 @@ def _train(config: Config, data: str | Path, out: Path, dev: torch.device, resum
     loader = DataLoader(dataset, batch_size=min(tc.batch_size, len(dataset)), shuffle=True, generator=generator,
                         num_workers=tc.workers, drop_last=False,
                         pin_memory=dev.type == "cuda")
+    if tc.epochs == 0 and not (out / CHECKPOINT).exists():
+        tqdm.write("--epochs 0: no training; the run's encoder is its initialisation")
+        save_checkpoint(out / CHECKPOINT, encoder, optimizer, 0, config, history)
     total_steps = (tc.epochs - start_epoch) * len(loader)
     bar = tqdm(total=total_steps, desc="training", unit="step")
     try:
@@ -181,12 +185,13 @@ def _validation_split(samples: list[Sample]) -> list[Sample]:
 def _validate(encoder, train_samples, val_samples, config: Config, device, history, out: Path) -> float | None:
     """Val AUROC now; saves out/best.pt when it beats every earlier validation."""
     bank_images = config.train.val_bank_images or len(train_samples)
-    auroc = validation_auroc(encoder, train_samples[:: max(1, len(train_samples) // bank_images)][:bank_images],
+    auroc, interval = validation_auroc(encoder, train_samples[:: max(1, len(train_samples) // bank_images)][:bank_images],
                              val_samples, config, config.train.val_scorer, device)
     earlier = [row["val_auroc"] for row in history[:-1] if row.get("val_auroc") is not None]
     if auroc is not None and (not earlier or auroc > max(earlier)):
         save_checkpoint(out / BEST, encoder, None, history[-1]["epoch"], config, history)
-    tqdm.write(f"epoch {history[-1]['epoch']}: val AUROC ({config.train.val_scorer}) = {auroc}")
+    tqdm.write(f"epoch {history[-1]['epoch']}: val AUROC ({config.train.val_scorer}, {len(val_samples)} images) = "
+               f"{'n/a' if auroc is None else f'{auroc:.4f}'}{format_interval(interval)}")
     return auroc
 
 
@@ -211,7 +216,7 @@ def train_step(encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
     *views, target = batch
     with autocast:
         z1, z2, zn = (encoder.project(encoder(x.to(device, non_blocking=True))) for x in views)
-    loss = swssl_loss(z1, z2, zn, target.to(device), tc.offdiag_weight)
+    loss = swssl_loss(z1, z2, zn, target.to(device), tc.offdiag_weight, tc.similarity)
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
     torch.nn.utils.clip_grad_value_(encoder.parameters(), tc.grad_clip)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The recipe comparison behind README "A demo that detects": each configuration of bench/configs/recipe/
+# trained for a number of epochs (0: the untrained initialisation) on the demo preset's budget otherwise,
+# evaluated on the whole test split (dense mode, every scorer), then compared pairwise with intervals.
+#
+#   bash bench/recipe.sh                                  # every recipe below, on data/demo, into runs/recipe/
+#   RECIPES="mobilenet-mid:0 mobilenet-mid:20" bash bench/recipe.sh
+#
+# A recipe already evaluated is not run again (delete its folder to redo it).
+set -euo pipefail
+DATA=${DATA:-data/demo}
+BIN=${BIN:-.venv/bin}
+OUT=${OUT:-runs/recipe}
+RECIPES=${RECIPES:-"resnet18-last:0 resnet18-last:20 resnet18-mid:0 mobilenet-last:0 mobilenet-mid:0 mobilenet-mid-fine:0"}
+for item in $RECIPES; do
+    name=${item%:*} epochs=${item#*:}
+    run=$OUT/$name-e$epochs
+    if [ -f "$run/eval-dense/test-aligned/eval.json" ]; then
+        continue
+    fi
+    mkdir -p "$run"
+    resume=$([ -f "$run/checkpoint.pt" ] && echo --resume || true)
+    "$BIN/swssl-train" --preset demo --config "bench/configs/recipe/$name.toml" --data "$DATA" --out "$run" \
+        --epochs "$epochs" $resume
+    "$BIN/swssl-eval" "$run" --data "$DATA" --split test
+done
