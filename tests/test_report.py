@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def test_summarise_without_masks_or_maps():
     table = format_table(summary)
     assert "n/a" in table and "image_auroc" in table and f"{summary['image_auroc']:.4f}" in table
     lines = table.splitlines()
-    assert len({line.index(line.split()[-1]) for line in lines[2:]}) == 1  # values in one column
+    assert len({re.search(r"\S  +(\S)", line).start(1) for line in lines[2:]}) == 1  # values in one column
 
 
 def test_write_report_files(tmp_path):
@@ -124,3 +125,28 @@ def test_write_report_single_class_and_no_maps(tmp_path):
     assert len(overlays) == 2  # the image without a map gets none
     with Image.open(overlays[0]) as overlay:
         assert overlay.size == (48, 64)  # small images keep their size
+
+
+def test_auroc_per_contrast_band_pits_each_band_against_every_normal(tmp_path):
+    """by_contrast: abnormal images grouped by their most conspicuous lesion (lesions.csv, read by
+    lesion_contrasts), each band's AUROC against all normals as sklearn computes it, with its interval."""
+    from swssl.data.datasets import lesion_contrasts
+    from swssl.scoring.report import by_contrast
+
+    (tmp_path / "lesions.csv").write_text("path,lesion,kind,y,x,diameter_px,area_px,contrast\n"
+                                          "a.png,1,mass,1,1,9,60,0.05\na.png,2,mass,9,9,9,60,0.5\n"
+                                          "b.png,1,mass,1,1,9,60,0.1\nc.png,1,mass,1,1,9,60,0.2\n")
+    contrasts = lesion_contrasts(tmp_path)
+    assert contrasts == {(tmp_path / "a.png").resolve(): 0.5, (tmp_path / "b.png").resolve(): 0.1,
+                         (tmp_path / "c.png").resolve(): 0.2}
+    normals = [ImageResult(str(tmp_path / f"n{i}.png"), 0, score, None) for i, score in enumerate([0.1, 0.4, 0.6])]
+    abnormal = [ImageResult(str(tmp_path / name), 1, score, None) for name, score in
+                (("a.png", 0.9), ("b.png", 0.2), ("c.png", 0.5))]
+    bands = by_contrast(normals + abnormal, contrasts)
+    subtle, moderate, obvious = bands.values()
+    assert [band["abnormal"] for band in bands.values()] == [1, 1, 1]
+    assert subtle["image_auroc"] == roc_auc_score([0, 0, 0, 1], [0.1, 0.4, 0.6, 0.2])
+    assert moderate["image_auroc"] == roc_auc_score([0, 0, 0, 1], [0.1, 0.4, 0.6, 0.5])
+    assert obvious["image_auroc"] == 1.0 and obvious["image_auroc_95ci"] == (1.0, 1.0)
+    assert "subtle (0 <= contrast < 0.15)" in format_table({"by_contrast": bands})
+    assert lesion_contrasts(tmp_path / "elsewhere") == {}

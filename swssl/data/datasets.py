@@ -21,6 +21,7 @@ from swssl.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.csv"
+LESIONS_NAME = "lesions.csv"  # optional, beside the manifest: one row per lesion (path, contrast, diameter_px, ...)
 MANIFEST_REQUIRED = ("path", "label", "split")
 RESIZE_BAND_PIXELS = 1 << 24  # source pixels per band of rows read while resizing (64 MiB as float32)
 CHEST_CLASSES = {"0.normal": 0, "1.abnormal": 1}
@@ -46,6 +47,25 @@ class Sample:
     split: str
     frame: int = 0
     mask: Path | None = None
+
+
+def lesion_contrasts(root: str | Path) -> dict[Path, float]:
+    """Image (resolved path) -> the contrast of its most conspicuous lesion, from ROOT/lesions.csv (the demo data
+    writes one); empty when there is none. Lets a report tell subtle lesions from obvious ones."""
+    root = Path(root).expanduser()
+    folder = root.parent if root.is_file() else root
+    path = folder / LESIONS_NAME
+    if not path.is_file():
+        return {}
+    contrasts: dict[Path, float] = {}
+    try:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                image = (folder / row["path"]).resolve()
+                contrasts[image] = max(contrasts.get(image, 0.0), float(row["contrast"]))
+    except (OSError, KeyError, ValueError) as exc:
+        raise DatasetError(f"{path}: not a lesion table with path and contrast columns ({exc})") from None
+    return contrasts
 
 
 def discover(root: str | Path) -> list[Sample]:

@@ -39,7 +39,7 @@ SPLIT_VIEWS: dict[str, list[tuple[str, str]]] = {
     "val": [("benign", "lcc"), ("malign", "lmlo")],
     "test": [("benign", "rmlo"), ("malign", "rcc")],
 }
-IMAGES_PER_VIEW = {"train": 6, "val": 20, "test": 100}
+IMAGES_PER_VIEW = {"train": 15, "val": 20, "test": 100}
 LESIONS_NAME = "lesions.csv"
 LESION_FIELDS = ("path", "lesion", "kind", "y", "x", "diameter_px", "area_px", "contrast")
 CROP_FRACTION = (0.85, 1.0)
@@ -299,7 +299,7 @@ def _mass(rng: np.random.Generator, shrink: float) -> tuple[Callable, float, flo
     def profile(dy, dx):
         values = _blob(dy, dx, **params)
         return values, values >= MASK_LEVEL
-    return profile, reach, _contrast(rng, 0.03, 0.6)
+    return profile, reach, _contrast(rng, 0.05, 1.0)
 
 
 def _spiculated(rng: np.random.Generator, shrink: float) -> tuple[Callable, float, float]:
@@ -323,7 +323,7 @@ def _spiculated(rng: np.random.Generator, shrink: float) -> tuple[Callable, floa
             distance = np.hypot(along - start - t * length, across - bend * length * t * t)
             values = np.maximum(values, (0.6 - 0.5 * t) * np.exp(-0.5 * (distance / width) ** 2))
         return values, values >= MASK_LEVEL
-    return profile, reach, _contrast(rng, 0.03, 0.6)
+    return profile, reach, _contrast(rng, 0.05, 1.0)
 
 
 def _calcifications(rng: np.random.Generator, shrink: float) -> tuple[Callable, float, float]:
@@ -341,7 +341,7 @@ def _calcifications(rng: np.random.Generator, shrink: float) -> tuple[Callable, 
         for (y, x), size in zip(centres, sizes):
             values = np.maximum(values, 1.0 / (1.0 + np.exp((np.hypot(dy - y, dx - x) - size) / 0.4)))
         return values, ndi.binary_dilation(values >= 0.5, iterations=2)
-    return profile, reach, _contrast(rng, 0.1, 0.6)
+    return profile, reach, _contrast(rng, 0.15, 1.0)
 
 
 def _contrast(rng: np.random.Generator, low: float, high: float) -> float:

@@ -18,7 +18,7 @@ from swssl.data.datasets import Sample, load_mask, load_resized
 from swssl.windows.geometry import grid
 from swssl.scoring.metrics import auroc_interval, image_auroc
 from swssl.model.encoder import PatchEncoder
-from swssl.scoring.report import ImageResult, format_table, summarise, write_report
+from swssl.scoring.report import by_contrast, ImageResult, format_table, summarise, write_report
 from swssl.scoring.scorers import build_scorer
 from swssl.windows.tiling import ImageWindows, score_source
 
@@ -53,8 +53,11 @@ def validation_auroc(encoder: PatchEncoder, train_samples: list[Sample], val_sam
 
 def evaluate(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], config: Config,
              scorers: dict[str, dict], out_dir: Path, split: str, device: str | torch.device = "cpu",
-             batch_size: int = 256, overlays: int = 8) -> dict[str, dict]:
-    """Score `samples`, write one report folder per scorer (out_dir/<split>-<scorer>/), return the summaries."""
+             batch_size: int = 256, overlays: int = 8, contrasts: dict[Path, float] | None = None
+             ) -> dict[str, dict]:
+    """Score `samples`, write one report folder per scorer (out_dir/<split>-<scorer>/), return the summaries.
+
+    `contrasts` (datasets.lesion_contrasts): the summaries add the image AUROC per lesion-contrast band."""
     started = time.perf_counter()
     results = score_samples(encoder, bank, samples, config, scorers, device, batch_size)
     seconds = time.perf_counter() - started
@@ -62,6 +65,8 @@ def evaluate(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], con
     summaries, digest = {}, weights_digest(encoder)
     for name, scored in results.items():
         summary = summarise(scored, rows, cols, config.geometry.patch, split, name)
+        if contrasts:
+            summary["by_contrast"] = by_contrast(scored, contrasts)
         _attach_images(scored, samples, config, overlays)
         extra = {"scorer_options": scorers[name], "seconds_all_scorers": seconds,
                  "encoder_digest": digest, "config": config.to_dict()}

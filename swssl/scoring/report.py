@@ -68,6 +68,23 @@ def summarise(results: list[ImageResult], rows: np.ndarray, cols: np.ndarray, pa
     }
 
 
+CONTRAST_BANDS = ((0.0, 0.15, "subtle"), (0.15, 0.4, "moderate"), (0.4, float("inf"), "obvious"))
+
+
+def by_contrast(results: list[ImageResult], contrasts: dict[Path, float]) -> dict[str, dict[str, Any]]:
+    """Image AUROC (and its 95 % interval) of the abnormal images in each contrast band (of their most
+    conspicuous lesion, as lesions.csv records it) against every normal image: what the detector sees."""
+    normal = [r for r in results if r.label == 0]
+    bands = {}
+    for low, high, name in CONTRAST_BANDS:
+        chosen = [r for r in results if r.label == 1 and low <= contrasts.get(Path(r.path).resolve(), -1) < high]
+        labels, scores = [r.label for r in normal + chosen], [r.score for r in normal + chosen]
+        bands[f"{name} ({low:g} <= contrast < {high:g})"] = {
+            "abnormal": len(chosen), "image_auroc": metrics.image_auroc(labels, scores),
+            "image_auroc_95ci": metrics.auroc_interval(labels, scores)}
+    return bands
+
+
 def write_report(out_dir: Path, results: list[ImageResult], summary: dict[str, Any], rows: np.ndarray,
                  cols: np.ndarray, patch: int, overlays: int = 8, extra: dict[str, Any] | None = None) -> None:
     """Write eval.json, images.csv, roc.png (both classes only) and heatmaps/ into `out_dir`."""
@@ -89,11 +106,20 @@ def write_report(out_dir: Path, results: list[ImageResult], summary: dict[str, A
 
 def format_table(summary: dict[str, Any]) -> str:
     """The summary as two aligned columns (metric, value), None shown as n/a."""
-    cells = [(str(key), _format_value(value)) for key, value in summary.items()]
+    cells = []
+    for key, value in summary.items():
+        if isinstance(value, dict):  # by_contrast: one line per band
+            cells += [(f"{key}: {band}", _format_band(row)) for band, row in value.items()]
+        else:
+            cells.append((str(key), _format_value(value)))
     width = max([len("metric")] + [len(key) for key, _ in cells])
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
     lines += [f"{key:<{width}}  {value}" for key, value in cells]
     return "\n".join(lines)
+
+
+def _format_band(row: dict[str, Any]) -> str:
+    return f"{_format_value(row['image_auroc'])} {_format_value(row['image_auroc_95ci'])} ({row['abnormal']} abnormal)"
 
 
 def _format_value(value: Any) -> str:
