@@ -27,21 +27,25 @@ $(VENV)/.installed: pyproject.toml
 $(DEMO_DATA)/manifest.csv: | setup
 	$(BIN)/swssl-demo-data $(DEMO_DATA)
 
-# Data, training (which ends by building the memory bank; a second `make demo` resumes the finished run: nothing to redo), evaluation on the test split in both
-# modes (exact, dense) side by side, exports, and the runner on the test slices in both modes.
+# Data, training (which ends by building the memory bank; a second `make demo` resumes the finished run: nothing
+# to redo), evaluation of the test split in the preset's dense mode and, on fewer images, in exact mode, the two
+# side by side, exports, and the runner on 16 test slices in both modes. `make demo DEMO_EVAL=` evaluates the whole
+# split (200 images; README "A demo that detects" has those numbers).
+DEMO_EVAL ?= --images 25
+DEMO_SLIDES ?= '$(DEMO_DATA)/test/*-0[0-7].png'
 demo: setup $(DEMO_DATA)/manifest.csv
 	$(BIN)/swssl-train --preset demo --data $(DEMO_DATA) --out runs/demo $(if $(wildcard runs/demo/checkpoint.pt),--resume)
-	$(BIN)/swssl-eval runs/demo --data $(DEMO_DATA) --split test
-	$(BIN)/swssl-bank runs/demo --data $(DEMO_DATA) --mode dense
-	$(BIN)/swssl-eval runs/demo --data $(DEMO_DATA) --split test --mode dense
-	$(BIN)/swssl-compare runs/demo/eval runs/demo/eval-dense
+	$(BIN)/swssl-eval runs/demo --data $(DEMO_DATA) --split test $(DEMO_EVAL)
+	$(BIN)/swssl-bank runs/demo --data $(DEMO_DATA) --mode exact
+	$(BIN)/swssl-eval runs/demo --data $(DEMO_DATA) --split test --mode exact --images 8
+	$(BIN)/swssl-compare runs/demo/eval-dense runs/demo/eval
 	$(BIN)/swssl-export runs/demo $(EXPORT_FLAGS)
-	$(BIN)/swssl-infer '$(DEMO_DATA)/test/*[0-9].png' --model runs/demo --out runs/demo/infer --heatmaps
-	$(BIN)/swssl-export runs/demo --onnx --mode dense
-	$(BIN)/swssl-infer '$(DEMO_DATA)/test/*[0-9].png' --model runs/demo --out runs/demo/infer-dense --heatmaps --mode dense
-	@echo "demo run: runs/demo (selected checkpoint best.pt, memory bank bank.safetensors, loss curve train_log.csv)"
-	@echo "heatmaps: runs/demo/eval/test-aligned/heatmaps/"
-	@echo "slides by score (open in a browser): runs/demo/infer/index.html (dense mode: runs/demo/infer-dense/)"
+	$(BIN)/swssl-infer $(DEMO_SLIDES) --model runs/demo --out runs/demo/infer-dense --heatmaps
+	$(BIN)/swssl-export runs/demo --onnx --mode exact
+	$(BIN)/swssl-infer $(DEMO_SLIDES) --model runs/demo --out runs/demo/infer --heatmaps --mode exact
+	@echo "demo run: runs/demo (selected checkpoint best.pt, memory banks bank-dense.safetensors and bank.safetensors, loss curve train_log.csv)"
+	@echo "heatmaps: runs/demo/eval-dense/test-global/heatmaps/"
+	@echo "slides by score (open in a browser): runs/demo/infer-dense/index.html (exact mode: runs/demo/infer/)"
 
 test: setup
 	$(BIN)/pytest -q
@@ -56,12 +60,14 @@ train: setup $(if $(filter $(DEMO_DATA),$(DATA)),$(DEMO_DATA)/manifest.csv)
 export: setup
 	$(BIN)/swssl-export $(RUN) $(EXPORT_FLAGS)
 
-# make compare-modes [RUN=runs/x DATA=/path] -> exact vs dense mode, same checkpoint: dense bank, both
-#                                              evaluations of the test split, one side-by-side table
+# make compare-modes [RUN=runs/x DATA=/path] -> exact vs dense mode, same checkpoint: both banks, both evaluations
+#                                              of the test split (EVAL_FLAGS="--images 25" for a quick look), one table
+EVAL_FLAGS ?=
 compare-modes: setup
+	$(BIN)/swssl-bank $(RUN) --data $(DATA) --mode exact
 	$(BIN)/swssl-bank $(RUN) --data $(DATA) --mode dense
-	$(BIN)/swssl-eval $(RUN) --data $(DATA) --split test
-	$(BIN)/swssl-eval $(RUN) --data $(DATA) --split test --mode dense
+	$(BIN)/swssl-eval $(RUN) --data $(DATA) --split test --mode exact $(EVAL_FLAGS)
+	$(BIN)/swssl-eval $(RUN) --data $(DATA) --split test --mode dense $(EVAL_FLAGS)
 	$(BIN)/swssl-compare $(RUN)/eval $(RUN)/eval-dense
 
 # make bench                                  -> the CPU suite (resnet18, exact and dense mode; about 3

@@ -21,7 +21,7 @@ for item in $RECIPES; do
     fi
     mkdir -p "$run"
     resume=$([ -f "$run/checkpoint.pt" ] && echo --resume || true)
-    "$BIN/swssl-train" --preset demo --config "bench/configs/recipe/$name.toml" --data "$DATA" --out "$run" \
+    "$BIN/swssl-train" --preset small --config "bench/configs/recipe/$name.toml" --data "$DATA" --out "$run" \
         --epochs "$epochs" $resume
     "$BIN/swssl-eval" "$run" --data "$DATA" --split test ${EVAL_FLAGS:-}
 done

@@ -11,6 +11,7 @@ part of it, so that the background skip shows.
 from __future__ import annotations
 
 import copy
+import math
 import importlib.util
 import sys
 import time
@@ -105,9 +106,11 @@ def choose_images(source: str, work: Path, slides: int, bank: int, height: int, 
     if source == "demo":
         folder = demo_data_available()
         if folder is None:
-            from swssl.data.demo import build_demo_data
+            from swssl.data.demo import SPLIT_VIEWS, build_demo_data
 
-            folder = build_demo_data(work / "demo-data").parent
+            views = len(SPLIT_VIEWS["train"])  # as many views in train as in val and test together
+            counts = {"train": max(1, math.ceil(bank / views)), "val": 2, "test": 2 * max(1, math.ceil(slides / views))}
+            folder = build_demo_data(work / "demo-data", counts=counts).parent  # the first images of the full build
         note = (f"the first {slides} test slices of the demo data ({folder}: real CBIS-DDSM mammograms at the "
                 "DBT geometry, 1024 x 768 16-bit PNG)")
         return _from_dataset(folder, slides, bank, "demo", note)
@@ -154,7 +157,7 @@ def make_run(folder: Path, backbone: str, images: Images, device: torch.device, 
     overrides: dict[str, Any] = {"name": f"bench-{backbone}", "model": {"backbone": backbone, "weights": "none"}}
     if geometry:
         overrides["geometry"] = dict(geometry)
-    config = load_preset("demo").override(overrides).validate()
+    config = load_preset("small").override(overrides).validate()
     torch.manual_seed(seed)
     encoder = build_encoder(config).eval()
     folder.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ def make_tiny_run(root: str | Path, backbone: str = "resnet18", height: int = 12
     if not (data / "manifest.csv").is_file():
         make_tiny_data(data, height=height, width=width, seed=seed)
     if not (run / CHECKPOINT).is_file():
-        config = load_preset("demo").override({
+        config = load_preset("small").override({
             "name": "tiny", "geometry": {"height": height, "width": width, "patch": patch, "step": step},
             "model": {"backbone": backbone, "weights": "none"}}).validate()
         torch.manual_seed(seed)

@@ -61,7 +61,8 @@ def demo_data(out_dir: Path, seed: int) -> None:
 
 @click.command()
 @click.option("--preset", type=click.Choice(preset_names()), default="demo", show_default=True,
-              help="Starting configuration: demo (CPU, minutes), chest or dbt (the paper's settings).")
+              help="Starting configuration: demo (CPU, minutes; the best measured recipe), small (resnet18, "
+                   "random init: the tests' setting), chest or dbt (the paper's settings).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML or JSON file overriding any preset keys, e.g. [train] lr = 0.001.")
 @click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
@@ -81,7 +82,7 @@ def demo_data(out_dir: Path, seed: int) -> None:
                    "exact (default) or dense; see swssl-eval --help.")
 @click.option("--stages", callback=lambda ctx, param, value: _stages(value),
               help="Trunk stages whose features make the embedding, shallow to deep: 4 (the last, the paper's) "
-                   "or 2,3 (mid-level, stride 16: sees smaller lesions).")
+                   "or 2,3 (mid-level, stride 16, as PatchCore; the demo preset's).")
 @click.option("--neighbourhood", type=click.IntRange(min=1),
               help="Average each feature cell with its neighbours in an N x N square first (odd; 1: none).")
 @click.option("--patch", type=click.IntRange(min=1), help="Window side, px.")

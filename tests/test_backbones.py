@@ -60,7 +60,7 @@ def test_a_backbone_of_another_stride_runs_dense_mode_in_memory_and_streamed(tmp
 
     spec = BackboneSpec("per_pixel_16", build, (Stage("3", 5, 16),), "ResNet18_Weights.IMAGENET1K_V1")
     monkeypatch.setitem(BACKBONES, spec.name, spec)
-    config = load_preset("demo").override({"geometry": {"height": 80, "width": 64, "patch": 32, "step": 16,
+    config = load_preset("small").override({"geometry": {"height": 80, "width": 64, "patch": 32, "step": 16,
                                                         "mode": "dense"},
                                            "model": {"backbone": spec.name, "stages": [1]}}).validate()
     assert config.stride == 16 and config.features.halo == 0
@@ -97,4 +97,4 @@ def test_an_unknown_backbone_is_refused_naming_the_choices():
     with pytest.raises(WeightsError, match="unknown backbone 'vgg16'; choose from wide_resnet50_2, .*mobilenet_v2"):
         backbone_spec("vgg16")
     with pytest.raises(ConfigError, match="model.backbone must be one of .*resnet18.*, not 'vgg16'"):
-        load_preset("demo").override({"model": {"backbone": "vgg16"}}).validate()
+        load_preset("small").override({"model": {"backbone": "vgg16"}}).validate()

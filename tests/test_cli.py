@@ -11,7 +11,7 @@ from tiny import TINY
 def test_train_bank_eval_end_to_end(tiny_data, tmp_path):
     runner = CliRunner()
     run = tmp_path / "run"
-    result = runner.invoke(cli.train, ["--preset", "demo", "--config", str(tiny_data / "tiny.toml"),
+    result = runner.invoke(cli.train, ["--preset", "small", "--config", str(tiny_data / "tiny.toml"),
                                        "--data", str(tiny_data), "--out", str(run)])
     assert result.exit_code == 0, result.output
     assert (run / "checkpoint.pt").is_file() and (run / "bank.safetensors").is_file()
@@ -44,7 +44,7 @@ def test_train_in_dense_mode_builds_and_uses_the_dense_bank(tiny_data, tmp_path)
     (tmp_path / "dense.toml").write_text(TINY.replace("step = 16", "step = 32"))
     runner = CliRunner()
     run = tmp_path / "run"
-    result = runner.invoke(cli.train, ["--preset", "demo", "--config", str(tmp_path / "dense.toml"),
+    result = runner.invoke(cli.train, ["--preset", "small", "--config", str(tmp_path / "dense.toml"),
                                        "--data", str(tiny_data), "--out", str(run), "--mode", "dense"])
     assert result.exit_code == 0, result.output
     assert (run / "bank-dense.safetensors").is_file() and not (run / "bank.safetensors").exists()
@@ -57,7 +57,7 @@ def test_train_in_dense_mode_builds_and_uses_the_dense_bank(tiny_data, tmp_path)
 def test_a_run_folder_is_resumed_or_overwritten_never_mixed(tiny_data, tmp_path):
     runner = CliRunner()
     run = tmp_path / "run"
-    args = ["--preset", "demo", "--config", str(tiny_data / "tiny.toml"), "--data", str(tiny_data), "--out", str(run)]
+    args = ["--preset", "small", "--config", str(tiny_data / "tiny.toml"), "--data", str(tiny_data), "--out", str(run)]
     assert runner.invoke(cli.train, args).exit_code == 0
     stamp = (run / "checkpoint.pt").stat().st_mtime_ns
     again = runner.invoke(cli.train, args)
@@ -126,7 +126,7 @@ def test_one_bad_training_image_is_one_line_naming_it(tiny_data, tmp_path):
     good = (data / "train-2.png").read_bytes()
     (data / "train-2.png").write_bytes(good[: len(good) // 2])
     runner = CliRunner()
-    args = ["--preset", "demo", "--config", str(data / "tiny.toml"), "--data", str(data)]
+    args = ["--preset", "small", "--config", str(data / "tiny.toml"), "--data", str(data)]
     cached = runner.invoke(cli.train, args + ["--out", str(tmp_path / "run")])
     (data / "lazy.toml").write_text(TINY.replace("workers = 0", "workers = 1"))
     from swssl.training import train as training
@@ -134,7 +134,7 @@ def test_one_bad_training_image_is_one_line_naming_it(tiny_data, tmp_path):
     original = training.CACHE_LIMIT_BYTES
     training.CACHE_LIMIT_BYTES = 0  # every image read in the DataLoader worker
     try:
-        lazy = runner.invoke(cli.train, ["--preset", "demo", "--config", str(data / "lazy.toml"), "--data", str(data),
+        lazy = runner.invoke(cli.train, ["--preset", "small", "--config", str(data / "lazy.toml"), "--data", str(data),
                                          "--out", str(tmp_path / "lazy")])
     finally:
         training.CACHE_LIMIT_BYTES = original

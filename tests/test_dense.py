@@ -28,7 +28,7 @@ from swssl.windows.tiling import ImageScore, WindowGrid, score_source
 
 
 def dense_config(height: int = 256, width: int = 192, patch: int = 64, step: int = 32, policy: str = "cover"):
-    return load_preset("demo").override({"geometry": {"height": height, "width": width, "patch": patch,
+    return load_preset("small").override({"geometry": {"height": height, "width": width, "patch": patch,
                                                       "step": step, "grid": policy, "mode": "dense"}}).validate()
 
 
@@ -82,12 +82,12 @@ def per_pixel_reference(encoder, canvas: np.ndarray, rows, cols, patch: int) -> 
 
 def test_geometry_must_be_multiples_of_the_trunk_stride():
     with pytest.raises(ConfigError, match="multiples of the feature stride"):
-        load_preset("demo").override({"geometry": {"patch": 100}}).with_mode("dense")
+        load_preset("small").override({"geometry": {"patch": 100}}).with_mode("dense")
     with pytest.raises(ConfigError, match="multiples of the feature stride"):
-        load_preset("demo").override({"geometry": {"step": 16}}).with_mode("dense")
+        load_preset("small").override({"geometry": {"step": 16}}).with_mode("dense")
     with pytest.raises(ConfigError, match="'exact' or 'dense'"):
-        load_preset("demo").with_mode("sparse")
-    assert load_preset("demo").with_mode("dense").geometry.mode == "dense"
+        load_preset("small").with_mode("sparse")
+    assert load_preset("small").with_mode("dense").geometry.mode == "dense"
 
 
 @pytest.mark.parametrize("size, policy, canvas, starts", [
@@ -276,7 +276,7 @@ def test_commands_in_dense_mode(tmp_path):
 
 
 def test_invalid_dense_geometry_is_one_line_error(tmp_path):
-    config = load_preset("demo").override({"geometry": {"height": 128, "width": 96, "patch": 32, "step": 16}})
+    config = load_preset("small").override({"geometry": {"height": 128, "width": 96, "patch": 32, "step": 16}})
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "checkpoint.pt", build_encoder(config), None, 0, config, [])
     result = CliRunner().invoke(cli.bank, [str(tmp_path), "--data", str(tmp_path), "--mode", "dense"])

@@ -11,7 +11,7 @@ from swssl.model.encoder import build_encoder
 
 def test_default_grid_covers_every_pixel():
     for height, width, patch, step in [(1024, 768, 128, 32), (1000, 777, 128, 32), (300, 200, 64, 24)]:
-        config = load_preset("demo").override({"geometry": {"height": height, "width": width,
+        config = load_preset("small").override({"geometry": {"height": height, "width": width,
                                                             "patch": patch, "step": step}})
         rows, cols = grid(config.geometry)
         covered = np.zeros((height, width), bool)
@@ -29,7 +29,7 @@ def test_reference_grid_is_the_official_one():
 
 @pytest.mark.parametrize("batch_size", [1, 7, 1000])
 def test_batched_embedding_equals_single_windows(batch_size):
-    config = load_preset("demo").override({"geometry": {"height": 160, "width": 224, "patch": 64, "step": 24}})
+    config = load_preset("small").override({"geometry": {"height": 160, "width": 224, "patch": 64, "step": 24}})
     torch.manual_seed(0)
     encoder = build_encoder(config).eval()
     rng = np.random.default_rng(0)

@@ -42,7 +42,7 @@ def block_mean(cells: np.ndarray, factor: int) -> np.ndarray:
 def test_mid_level_map_is_the_stages_averaged_pooled_and_concatenated(backbone):
     """float64 numpy from the trunk's own stage outputs: a 3-cell neighbourhood mean, stage 2 block-averaged to
     stage 3's stride 16, the two concatenated (128 + 256 channels for resnet18, 32 + 96 for mobilenet_v2)."""
-    config = load_preset("demo").override({"model": {"backbone": backbone, **MID}}).validate()
+    config = load_preset("small").override({"model": {"backbone": backbone, **MID}}).validate()
     torch.manual_seed(0)
     encoder = build_encoder(config).eval()
     images = torch.rand(2, 1, 96, 64)
@@ -62,7 +62,7 @@ def test_mid_level_map_is_the_stages_averaged_pooled_and_concatenated(backbone):
 
 
 def test_invalid_feature_options_are_refused_naming_the_key():
-    demo = load_preset("demo")
+    demo = load_preset("small")
     for stages in ([], [3, 2], [2, 2], [0], [5]):
         with pytest.raises(ConfigError, match=r"model.stages must be distinct stages of resnet18 from 1 to 4"):
             demo.override({"model": {"stages": stages}}).validate()
@@ -79,7 +79,7 @@ def mid_run(tiny_data, tmp_path_factory):
     config = tiny_data / "mid.toml"
     config.write_text((tiny_data / "tiny.toml").read_text() + '[model]\nstages = [2, 3]\nneighbourhood = 3\n'
                       'weights = "none"\nbackbone = "resnet18"\n')
-    result = CliRunner().invoke(cli.train, ["--preset", "demo", "--config", str(config), "--data", str(tiny_data),
+    result = CliRunner().invoke(cli.train, ["--preset", "small", "--config", str(config), "--data", str(tiny_data),
                                             "--out", str(run), "--mode", "dense"])
     assert result.exit_code == 0, result.output
     return run, tiny_data

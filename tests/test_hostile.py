@@ -49,7 +49,7 @@ def model(tmp_path_factory) -> Path:
         (root / f"train-{i}.png").write_bytes(png16(normal_image(rng)))
         rows.append(f"train-{i}.png,0,train")
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    config = load_preset("demo").override({"geometry": {"height": HEIGHT, "width": WIDTH, "patch": 32, "step": 16}})
+    config = load_preset("small").override({"geometry": {"height": HEIGHT, "width": WIDTH, "patch": 32, "step": 16}})
     torch.manual_seed(0)
     encoder = build_encoder(config).eval()
     run = root / "run"

@@ -64,7 +64,7 @@ def tiny(tmp_path_factory):
             save_png(root / f"{split}-{i}.png", image)
             rows.append(f"{split}-{i}.png,{label},{split}")
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    config = load_preset("demo").override({"geometry": GEOMETRY})
+    config = load_preset("small").override({"geometry": GEOMETRY})
     torch.manual_seed(0)
     encoder = build_encoder(config).eval()
     run = root / "run"
@@ -297,7 +297,7 @@ def test_background_windows_are_skipped_and_counted(tiny, tmp_path, scale):
     assert result.exit_code == 0, result.output
     (row,) = rows_of(out)
     pixels = np.asarray(Image.open(slide), dtype=np.float32) / 65535
-    config = load_preset("demo").override({"geometry": GEOMETRY})
+    config = load_preset("small").override({"geometry": GEOMETRY})
     if scale is None:  # the run's geometry: resized to 128 x 96
         pixels = resize_antialiased(pixels, 128, 96)
     rows, cols = grid(config.geometry, *pixels.shape)

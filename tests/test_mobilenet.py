@@ -39,7 +39,7 @@ def trained(tiny_data, tmp_path_factory):
     """One epoch on the tiny data; training ends by building the exact-mode bank."""
     (tiny_data / "mobilenet.toml").write_text(MOBILENET)
     run = tmp_path_factory.mktemp("mobilenet") / "run"
-    invoke(cli.train, "--preset", "demo", "--config", tiny_data / "mobilenet.toml", "--data", tiny_data,
+    invoke(cli.train, "--preset", "small", "--config", tiny_data / "mobilenet.toml", "--data", tiny_data,
            "--out", run, "--device", "cpu")
     assert json.loads((run / "config.json").read_text())["model"]["backbone"] == "mobilenet_v2"
     return tiny_data, run

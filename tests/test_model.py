@@ -52,7 +52,7 @@ def test_embedding_is_pooled_torchvision_trunk(tmp_path):
 def test_wrong_or_corrupt_weights_are_refused(tmp_path):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
-    config = load_preset("demo").override({"model": {"backbone": "resnet50"}})
+    config = load_preset("small").override({"model": {"backbone": "resnet50"}})
     with pytest.raises(WeightsError, match="r18.pth: not a resnet50 state dict"):
         build_encoder(config, weights=str(tmp_path / "r18.pth"))
     with pytest.raises(WeightsError, match="junk.pth"):
@@ -71,7 +71,7 @@ class Payload:
 def test_pickled_code_as_weights_is_refused_in_one_line(tmp_path, capsys):
     torch.save({"conv1.weight": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(WeightsError) as caught:
-        build_encoder(load_preset("demo"), weights=str(tmp_path / "evil.pth"))
+        build_encoder(load_preset("small"), weights=str(tmp_path / "evil.pth"))
     assert str(caught.value) == (f"{tmp_path / 'evil.pth'}: `--weights FILE` is not a plain state dict; "
                                  "refusing to unpickle code")
     assert "this ran" not in capsys.readouterr().out
@@ -81,7 +81,7 @@ def test_imagenet_offline_fails_fast_naming_weights_path(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # empty cache
     monkeypatch.setattr(model_module, "_reachable", lambda url, timeout: False)
     with pytest.raises(WeightsError, match="--weights PATH"):
-        build_encoder(load_preset("demo").override({"model": {"weights": "imagenet"}}))
+        build_encoder(load_preset("small").override({"model": {"weights": "imagenet"}}))
 
 
 def test_reachability_probe_cannot_hang():
@@ -91,7 +91,7 @@ def test_reachability_probe_cannot_hang():
 
 
 def mobilenet_imagenet_config():
-    return load_preset("demo").override({"model": {"backbone": "mobilenet_v2", "weights": "imagenet"}})
+    return load_preset("small").override({"model": {"backbone": "mobilenet_v2", "weights": "imagenet"}})
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ def random_bank(n, r, c, d, seed=0, dtype=torch.float32):
     emb = rng.normal(size=(n, r, c, d))
     fg = rng.random((n, r, c)) > 0.2
     fg[0, 0, 0] = True
-    bank = MemoryBank(torch.tensor(emb, dtype=dtype), torch.tensor(fg), load_preset("demo"), "digest", ["x"] * n)
+    bank = MemoryBank(torch.tensor(emb, dtype=dtype), torch.tensor(fg), load_preset("small"), "digest", ["x"] * n)
     return bank, bank.embeddings.double().numpy(), fg
 
 

@@ -28,7 +28,7 @@ from swssl.windows.tiling import score_source
 
 def config_for(patch: int, step: int, policy: str = "cover", threshold: float = 0.0, height: int = 128,
                width: int = 128):
-    return load_preset("demo").override({"geometry": {"height": height, "width": width, "patch": patch,
+    return load_preset("small").override({"geometry": {"height": height, "width": width, "patch": patch,
                                                       "step": step, "grid": policy},
                                          "preprocess": {"foreground_threshold": threshold}})
 

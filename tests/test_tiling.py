@@ -17,7 +17,7 @@ from swssl.windows.tiling import Chunk, ImageScore, ImageWindows, score_source
 
 
 def config_for(mode: str):
-    return load_preset("demo").override({"geometry": {"height": 128, "width": 96, "patch": 32, "step": 32 if mode ==
+    return load_preset("small").override({"geometry": {"height": 128, "width": 96, "patch": 32, "step": 32 if mode ==
                                                       "dense" else 16, "mode": mode},
                                          "preprocess": {"foreground_threshold": 0.05}})
 

@@ -15,7 +15,7 @@ SMALL = {"geometry": {"height": 256, "width": 192, "patch": 64, "step": 16},
 
 
 def small_config(**train):
-    return load_preset("demo").override(SMALL).override({"train": train})
+    return load_preset("small").override(SMALL).override({"train": train})
 
 
 def mammo_like(rng, size=(300, 220)):
