@@ -11,8 +11,8 @@ part of it, so that the background skip shows.
 from __future__ import annotations
 
 import copy
-import math
 import importlib.util
+import math
 import sys
 import time
 import types

@@ -173,3 +173,14 @@ def test_load_mask_is_nearest_and_binary(tmp_path: Path) -> None:
 def test_load_mask_without_mask_is_empty() -> None:
     mask = load_mask(Sample(Path("a.png"), 0, "val"), Geometry(height=5, width=3))
     assert mask.shape == (5, 3) and mask.dtype == bool and not mask.any()
+
+
+def test_spread_takes_n_per_class_evenly_through_the_split_in_its_order():
+    from swssl.data.datasets import spread
+
+    samples = [Sample(Path(f"{i}.png"), int(i % 3 == 0), "test") for i in range(30)]  # 10 abnormal, 20 normal
+    chosen = spread(samples, 4)
+    assert [s.label for s in chosen].count(1) == 4 and [s.label for s in chosen].count(0) == 4
+    assert chosen == sorted(chosen, key=samples.index)
+    assert chosen[0] is samples[0] and samples[-1] in chosen  # both ends of each class: the whole split spanned
+    assert spread(samples, 50) == samples

@@ -96,3 +96,15 @@ def test_a_flipped_bit_in_a_checkpoint_is_refused(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="damaged checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_zero_epochs_keeps_the_initialisation_as_a_baseline_run(chest_layout, tmp_path):
+    """--epochs 0: no step is taken; the run holds the seeded initialisation, a config and its bank."""
+    from swssl.scoring.bank import MemoryBank
+
+    run = train(small_config(epochs=0), chest_layout, tmp_path / "baseline")
+    encoder, config = load_encoder(run)
+    torch.manual_seed(config.train.seed)
+    assert weights_digest(encoder) == weights_digest(build_encoder(config).eval())
+    assert load_checkpoint(run)["epoch"] == 0 and not (tmp_path / "baseline" / "train_log.csv").exists()
+    assert MemoryBank.load(tmp_path / "baseline", config=config, encoder_digest=weights_digest(encoder))
