@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from swssl.model.checkpoint import load_encoder, weights_digest
 from swssl.export import cli, verify
 from swssl.export.graph import GraphSpec
-from swssl.model.backbones import backbone_spec
 from swssl.export.manifest import FORMAT, read_manifest
 from swssl.files import sha256_file
 from swssl.export.onnx_export import check_onnx, export_onnx
@@ -49,7 +48,7 @@ def test_onnx_matches_torch_at_every_batch_size(tmp_path, backbone, patch):
     torch.manual_seed(0)
     encoder = PatchEncoder(backbone).eval()
     profile = BatchProfile(1, 4, 8)
-    info = export_onnx(encoder, GraphSpec.exact(patch, profile, backbone_spec(backbone).stride), tmp_path / "model.onnx")
+    info = export_onnx(encoder, GraphSpec.exact(patch, profile, encoder.stride), tmp_path / "model.onnx")
     assert info["opset"] >= 17 and info["external_data"] == []
     model = onnx.load(str(tmp_path / "model.onnx"))
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
