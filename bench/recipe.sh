@@ -17,7 +17,7 @@ mobilenet-mid-32-lr4:20 mobilenet-mid-32-rescaled:20"}
 for item in $RECIPES; do
     name=${item%:*} epochs=${item#*:}
     run=$OUT/$name-e$epochs
-    if [ -f "$run/eval-dense/test-aligned/eval.json" ]; then
+    if compgen -G "$run/eval-dense/test-aligned*/eval.json" > /dev/null; then  # -nN: an --images N subset
         continue
     fi
     mkdir -p "$run"

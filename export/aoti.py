@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from swssl.device import import_cpp_extension
 from swssl.export.errors import ExportError
 from swssl.export.graph import GraphSpec
 from swssl.model.encoder import PatchEncoder
@@ -55,6 +56,7 @@ def export_aoti(encoder: PatchEncoder, spec: GraphSpec, path: Path, device: torc
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     model = inference_module(encoder, spec, precision, device)
+    import_cpp_extension(device)
     started = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -71,6 +73,7 @@ def export_aoti(encoder: PatchEncoder, spec: GraphSpec, path: Path, device: torc
 
 def load_package(path: Path, device: torch.device):
     """The compiled model of a package, bound to `device`'s index on CUDA."""
+    import_cpp_extension(device)
     loader = torch._inductor.aoti_load_package
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from swssl.registry import ARTIFACTS
-from swssl.cli import friendly_errors
+from swssl.cli import CONTEXT, friendly_errors
 from swssl.export.profile import DEFAULT_BATCH, DEFAULT_DENSE_BATCH
 
 
@@ -22,7 +22,7 @@ def artifact_flags(command):
     return command
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @artifact_flags
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,

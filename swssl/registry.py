@@ -1,11 +1,13 @@
-"""The extension points, one table each: artifact kinds and scorers (backbones: swssl.model.backbones).
+"""The extension points, one table each: artifact kinds, scorers and backbone names (their specs:
+swssl.model.backbones, which imports torch; the names here let `--help` list them without it).
 
 Read by the loaders, the exporter, the benchmarks and every command line, so that adding one is a
 row here and its implementation:
 - an artifact kind: a row in ARTIFACTS, a backend class with `from_manifest` (swssl.inference.backends) and
   an exporter (swssl.export.pipeline);
 - a scorer: a row in SCORERS (its options from SCORER_OPTIONS, or a new one there) and its class
-  (swssl.scoring.scorers, the `Scorer` interface).
+  (swssl.scoring.scorers, the `Scorer` interface);
+- a backbone: its name in BACKBONE_NAMES and its `BackboneSpec` in swssl.model.backbones.BACKBONES.
 Implementations are named ("module:attribute"), not imported, so that reading a table (e.g. for
 `--help`) never loads torch or a runtime.
 """
@@ -91,6 +93,8 @@ SCORERS = (
                "the official evaluate.py score (no window map; the run's geometry)"),
 )
 SCORER_NAMES = tuple(kind.name for kind in SCORERS)
+# The keys of swssl.model.backbones.BACKBONES, in its order (a test checks that they agree).
+BACKBONE_NAMES = ("wide_resnet50_2", "resnet50", "resnet18", "mobilenet_v2")
 
 
 def load(implementation: str) -> Any:

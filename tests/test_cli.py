@@ -1,11 +1,20 @@
 """End to end through the command line on a tiny generated dataset whose anomalies are obvious."""
+import inspect
 import json
 import os
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from swssl import cli
+from swssl.config import Config, build_config
+from swssl.entry import COMMANDS, main
+from swssl.registry import BACKBONE_NAMES, load
 from tiny import TINY
 
 def test_train_bank_eval_end_to_end(tiny_data, tmp_path):
@@ -15,6 +24,10 @@ def test_train_bank_eval_end_to_end(tiny_data, tmp_path):
                                        "--data", str(tiny_data), "--out", str(run)])
     assert result.exit_code == 0, result.output
     assert (run / "checkpoint.pt").is_file() and (run / "bank.safetensors").is_file()
+    from PIL import Image
+    with Image.open(run / "train_log.png") as plot:  # the training curves, drawn at the validation
+        plot.verify()
+        assert plot.format == "PNG" and min(plot.size) >= 300
     result = runner.invoke(cli.bank, [str(run), "--data", str(tiny_data), "--fp32"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli.evaluate, [str(run), "--data", str(tiny_data), "--split", "test"])
@@ -63,9 +76,14 @@ def test_a_run_folder_is_resumed_or_overwritten_never_mixed(tiny_data, tmp_path)
     again = runner.invoke(cli.train, args)
     assert again.exit_code == 2 and "not empty" in again.output and "--overwrite" in again.output
     assert (run / "checkpoint.pt").stat().st_mtime_ns == stamp  # nothing touched
+    banked = (run / "bank.safetensors").stat().st_mtime_ns
     resumed = runner.invoke(cli.train, args + ["--resume"])
     assert resumed.exit_code == 0, resumed.output
-    assert "nothing to train" in resumed.output and "memory bank up to date" in resumed.output
+    assert f"nothing to do: {run} is complete (1 epochs)" in resumed.output and "loading images" not in resumed.output
+    assert (run / "bank.safetensors").stat().st_mtime_ns == banked
+    (run / "bank.safetensors").unlink()  # finished, but without its bank: the bank is built, nothing trained
+    rebuilt = runner.invoke(cli.train, args + ["--resume"])
+    assert rebuilt.exit_code == 0 and "nothing to train" in rebuilt.output and (run / "bank.safetensors").is_file()
     (run / "stale.txt").write_text("from the old run")
     replaced = runner.invoke(cli.train, args + ["--overwrite"])
     assert replaced.exit_code == 0, replaced.output
@@ -143,3 +161,88 @@ def test_one_bad_training_image_is_one_line_naming_it(tiny_data, tmp_path):
         message = result.output.split("error: ")[-1]  # after the progress bar (stderr, no newline)
         assert result.output.count("error: ") == 1 and "train-2.png: " in message, result.output
         assert len(message.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+
+
+HEAVY = ("torch", "numpy", "onnx", "onnxruntime", "matplotlib", "sklearn", "scipy", "PIL")
+
+
+@pytest.mark.parametrize("name", ["", *COMMANDS])
+def test_help_imports_nothing_heavy(name):
+    """`--help` of the group and of every command answers without torch, numpy or a runtime."""
+    args = [name, "--help"] if name else ["--help"]
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom swssl.entry import main\n"
+            f"result = CliRunner().invoke(main, {args!r})\nassert result.exit_code == 0, result.output\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", (name, done.stdout)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_takes_h(name):
+    """-h on the command itself (its swssl-* script) as well as under the group."""
+    result = CliRunner().invoke(load(COMMANDS[name]), ["-h"])
+    assert result.exit_code == 0 and "Usage:" in result.output and "-h, --help" in result.output, result.output
+
+
+@pytest.mark.parametrize("argv, usage", [(["swssl", "-h"], "Usage: swssl [OPTIONS] COMMAND"),
+                                         (["swssl", "infer", "-h"], "Usage: swssl infer [OPTIONS] SLIDES..."),
+                                         (["-m", "swssl", "eval", "-h"], "eval [OPTIONS] RUN_DIR")])
+def test_one_entry_point(argv, usage):
+    command = [str(Path(sys.executable).with_name(argv[0])), *argv[1:]] if argv[0] == "swssl" else [sys.executable, *argv]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and usage in done.stdout, (done.stdout, done.stderr)
+
+
+def test_version_is_the_distribution_s():
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"swssl, version {version('swssl')}"
+
+
+def test_backbone_names_for_help_are_the_registered_backbones():
+    from swssl.model.backbones import BACKBONES
+
+    assert tuple(BACKBONES) == BACKBONE_NAMES
+
+
+def test_config_prints_the_run_configuration_as_toml_that_trains_the_same(tmp_path_factory, tmp_path):
+    from swssl.export.tiny import make_tiny_run
+
+    run, _ = make_tiny_run(tmp_path_factory.getbasetemp() / "export-tiny")  # shared with the export tests
+    saved = Config.from_dict(json.loads((run / "config.json").read_text()))
+    result = CliRunner().invoke(main, ["config", str(run)])
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads(result.output) == json.loads(json.dumps(saved.to_dict()))  # tuples are arrays
+    (tmp_path / "run.toml").write_text(result.output)
+    assert build_config("small", tmp_path / "run.toml") == saved
+    checkpoint_only = tmp_path / "checkpoint-only"
+    checkpoint_only.mkdir()
+    (checkpoint_only / "checkpoint.pt").symlink_to(run / "checkpoint.pt")
+    assert CliRunner().invoke(main, ["config", str(checkpoint_only)]).output == result.output
+
+
+def test_config_leaves_out_what_toml_cannot_write():
+    assert cli._without_none({"name": None, "train": {"lr": None, "seed": 0}}) == {"train": {"seed": 0}}
+
+
+def test_config_of_a_missing_run_is_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["config", str(tmp_path / "nowhere")])
+    assert result.exit_code == 1 and result.output == f"error: {tmp_path / 'nowhere'}: no such run folder\n"
+
+
+def test_the_no_cuda_notice_is_dropped_on_the_cpu_only(tmp_path):
+    """torch logs "No CUDA runtime is found" on importing cpp_extension with a CUDA_HOME but no GPU (as the
+    compiled paths do): gone on the CPU, while the logger's other warnings still show."""
+    import torch
+    import torch.utils.cpp_extension
+    from swssl.device import CUDA_NOTICE
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: torch has nothing to say")
+    assert CUDA_NOTICE in inspect.getsource(torch.utils.cpp_extension._find_cuda_home)
+    code = ("import logging, torch\nfrom swssl.device import import_cpp_extension\n"
+            "import_cpp_extension(torch.device('cpu'))\n"
+            "logging.getLogger('torch.utils.cpp_extension').warning('another warning')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_HOME": str(tmp_path)})
+    assert done.returncode == 0 and CUDA_NOTICE not in done.stderr and "another warning" in done.stderr, done.stderr

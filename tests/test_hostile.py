@@ -28,8 +28,8 @@ TIMEOUT_S = 120  # the whole corpus must be done well within this; past it the r
 SPARSE = b"sparse-16000x16000.npy"
 SPARSE_MAX_SECONDS = 20.0  # an all-zero 16000 x 16000 array is found empty without minutes of work
 EXTRA_RSS_BYTES = 1 << 30  # ... and without gigabytes: at most this much more memory than the clean run
-COLUMNS = ["path", "frame", "score", "windows_scored", "windows_skipped", "seconds", "status", "best_frame",
-           "message"]
+COLUMNS = ["path", "frame", "score", "percentile", "anomalous", "windows_scored", "windows_skipped", "seconds",
+           "status", "best_frame", "message", "warning"]
 UNSAFE_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet takes for a formula (OWASP CSV injection)
 
 

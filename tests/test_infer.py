@@ -156,6 +156,29 @@ def write_volume(path: Path, frames: np.ndarray) -> Path:
     return path
 
 
+def test_report_names_follow_the_options_that_differ_from_their_defaults():
+    from swssl.scoring.evaluate import report_name
+    assert report_name("test", "aligned", {"radius": 0, "top": 1}) == "test-aligned"
+    assert report_name("test", "aligned", {"radius": 1, "top": 1}, images=25) == "test-aligned-radius1-n25"
+    assert report_name("val", "global", {"k": 3, "top": 1, "coreset_ratio": 0.1}) == "val-global-k3-coreset0.1"
+    assert report_name("test", "reference", {}) == "test-reference"
+
+
+def test_evaluations_with_other_options_or_a_subset_replace_no_report(evaluated):
+    """swssl-eval --radius 1, --images 1: reports of their own beside the default ones, which stay as they were."""
+    root, run, _ = evaluated
+    before = {p: p.read_bytes() for p in (run / "eval").glob("test-*/eval.json")}
+    assert {p.parent.name for p in before} == {"test-aligned", "test-global", "test-reference"}
+    for extra in (["--scorer", "aligned", "--radius", "1"], ["--scorer", "global", "--images", "1"]):
+        result = CliRunner().invoke(cli.evaluate, [str(run), "--data", str(root), "--device", "cpu", *extra])
+        assert result.exit_code == 0, result.output
+    assert all(p.read_bytes() == data for p, data in before.items())
+    radius = json.loads((run / "eval" / "test-aligned-radius1" / "eval.json").read_text())
+    assert radius["scorer_options"]["radius"] == 1 and radius["images"] == 6
+    assert json.loads((run / "eval" / "test-global-n1" / "eval.json").read_text())["images"] == 2
+    assert f"report: {run / 'eval' / 'test-global-n1'}/" in result.output
+
+
 def test_dicom_volume_gives_a_row_per_frame_and_the_max(tiny, tmp_path):
     root, run = tiny
     rng = np.random.default_rng(5)
@@ -350,12 +373,50 @@ def test_find_slides(tmp_path):
     (tmp_path / "a" / "out" / "heatmaps" / "x-1234.png").write_bytes(b"")
     files, problems = find_slides([tmp_path / "a", str(tmp_path / "*.npy"), tmp_path / "a" / "x.png",
                                          tmp_path / "nope.png", str(tmp_path / "*.jpg"),
-                                         str(tmp_path / "a" / "**" / "*.png")], exclude=tmp_path / "a" / "out")
+                                         str(tmp_path / "a" / "**" / "*.png")], out_dir=tmp_path / "a" / "out")
     names = [p.name for p in files]
     assert names == ["1.2.840.5", "x.png", "y.TIF", "z.npy"]  # folder order sorted, duplicates dropped
     assert all(p.is_absolute() for p in files)
     assert [(Path(arg).name, why) for arg, why in problems] == [
         ("nope.png", "file not found"), ("*.jpg", "no supported image matches this pattern")]
+
+
+def test_folder_scans_skip_the_masks_a_manifest_names_and_excluded_files(tmp_path):
+    """A dataset folder: its manifest's masks are no slides (in the folder scanned or below the manifest's
+    folder), --exclude globs match the name or the path relative to the scanned folder; named files stay."""
+    data = tmp_path / "data"
+    for name in ("test/a.png", "test/a_mask.png", "test/b.png", "test/old_mask.png", "test/skip/c.png",
+                 "masks/test/b_mask.png", "other/d.png"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(b"")
+    (data / "manifest.csv").write_text("path,label,split,mask\ntest/a.png,1,test,test/a_mask.png\n"
+                                       "test/b.png,1,test,masks/test/b_mask.png\nother/d.png,0,test,\n")
+
+    def names(*arguments, exclude=()):
+        files, problems = find_slides(arguments, exclude=exclude)
+        assert not problems, problems
+        return [p.relative_to(data).as_posix() for p in files]
+
+    assert names(data / "test") == ["test/a.png", "test/b.png", "test/old_mask.png", "test/skip/c.png"]
+    assert names(data) == ["other/d.png", "test/a.png", "test/b.png", "test/old_mask.png", "test/skip/c.png"]
+    assert names(str(data / "test" / "*.png")) == ["test/a.png", "test/b.png", "test/old_mask.png"]
+    assert names(data / "test", exclude=["*_mask.png", "skip"]) == ["test/a.png", "test/b.png"]
+    assert names(data, exclude=["test/skip/*", "other"]) == ["test/a.png", "test/b.png", "test/old_mask.png"]
+    assert names(data / "test" / "a_mask.png") == ["test/a_mask.png"]  # named on the command line: tried
+    (data / "manifest.csv").write_text("path,label,split\ntest/a.png,0,test\n")  # no mask column: no masks
+    assert "test/a_mask.png" in names(data / "test")
+
+
+def test_infer_takes_exclude_patterns(tiny, tmp_path):
+    root, run = tiny
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("test-0.png", "test-1.png"):
+        shutil.copy(root / name, slides / name)
+    shutil.copy(root / "test-1.png", slides / "test-1_mask.png")
+    result = invoke(slides, "--model", run, "--out", tmp_path / "out", "--exclude", "*_mask.png")
+    assert result.exit_code == 0, result.output
+    assert sorted(Path(r["path"]).name for r in rows_of(tmp_path / "out")) == ["test-0.png", "test-1.png"]
 
 
 def test_the_run_of_an_artifact(tmp_path):
@@ -483,7 +544,7 @@ def test_full_disk_is_one_line_and_keeps_finished_rows(tiny, tmp_path):
         full = run_infer(*slides, "--model", run, "--out", disk / "out")
         assert full.returncode == 2, full.stderr
         assert "Traceback" not in full.stderr and "No space left on device" in full.stderr
-        errors = [line for line in full.stderr.splitlines() if not line.startswith("backend: ")]
+        errors = [line for line in full.stderr.splitlines() if not line.startswith(("backend: ", "threshold: ", "warning: "))]
         assert len(errors) == 1 and errors[0].startswith("error: ") and "scores." in errors[0], full.stderr
         lines = (disk / "out" / "scores.jsonl").read_bytes().split(b"\n")
         assert lines[-1] == b"" and all(json.loads(line) for line in lines[:-1])  # no cut line
@@ -531,3 +592,47 @@ def test_damaged_bank_is_refused(tiny, tmp_path):
     bank.save(damaged / BANK)  # a consistent checksum, but NaN inside
     with pytest.raises(BankDamagedError, match="3 NaN/inf"):
         MemoryBank.load(damaged / BANK)
+
+
+def test_progress_within_a_frame_counts_grid_windows_and_a_bar_shows_them(monkeypatch):
+    """Windows done = grid positions up to the last one embedded (background included), so the count ends at the
+    grid's total; the frame's bar gets that total, waits SLIDE_BAR_DELAY before showing, and --quiet hides it."""
+    from types import SimpleNamespace
+
+    from swssl.inference import runner
+    from swssl.windows.tiling import Chunk, WindowGrid
+
+    class Source:  # a 3 x 4 grid whose foreground windows come in three chunks; position 11 is background
+        grid = WindowGrid(np.arange(3), np.arange(4), 1)
+        foreground = np.ones((3, 4), bool)
+
+        def chunks(self, encode, every_window):
+            for positions in ([0, 1, 2, 3, 4], [5, 6], [8, 9, 10]):
+                index = torch.tensor(positions)
+                yield Chunk(index // 4, index % 4, torch.zeros(len(positions), 2))
+
+    reports = []
+    assert len(list(runner._Reporting(Source(), lambda *a: reports.append(a), every=0).chunks(None, False))) == 3
+    assert reports == [(0, 12), (5, 12), (7, 12), (11, 12), (12, 12)]
+
+    class FakeBar:
+        made = []
+
+        def __init__(self, **kwargs):
+            self.kwargs, self.n, self.closed = kwargs, 0, False
+            FakeBar.made.append(self)
+
+        def update(self, count):
+            self.n += count
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(runner, "tqdm", FakeBar)
+    for disabled in (False, True):
+        with runner._frame_bar(SimpleNamespace(disable=disabled), "big.tif") as progress:
+            for done, total in reports:
+                progress(done, total)
+        bar = FakeBar.made[-1]
+        assert bar.kwargs["total"] == 12 and bar.n == 12 and bar.closed and bar.kwargs["desc"] == "big.tif"
+        assert bar.kwargs["delay"] == runner.SLIDE_BAR_DELAY > 0 and bar.kwargs["disable"] is disabled

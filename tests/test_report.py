@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from swssl.windows.geometry import window_starts
 from swssl.scoring.metrics import lesion_hits, pixel_auroc, pixel_map
-from swssl.scoring.report import ImageResult, format_table, summarise, write_report
+from swssl.scoring.report import BAR_WIDTH, ImageResult, format_table, summarise, write_report
 
 PATCH, STEP = 32, 16
 
@@ -103,7 +103,7 @@ def test_write_report_files(tmp_path):
     for path in overlays:
         with Image.open(path) as overlay:
             overlay.load()
-            assert max(overlay.size) == 1024 and overlay.size[0] < overlay.size[1]
+            assert overlay.size[0] == round(700 * 1024 / 1100) + BAR_WIDTH and overlay.size[1] > 1024  # + title
     assert not [p for p in out.rglob(".*")]  # no temporary files left behind
 
 
@@ -124,7 +124,7 @@ def test_write_report_single_class_and_no_maps(tmp_path):
     overlays = sorted((tmp_path / "heatmaps").iterdir())
     assert len(overlays) == 2  # the image without a map gets none
     with Image.open(overlays[0]) as overlay:
-        assert overlay.size == (48, 64)  # small images keep their size
+        assert overlay.size[0] == 48 + BAR_WIDTH and overlay.size[1] > 64  # small images keep their size
 
 
 def test_auroc_per_contrast_band_pits_each_band_against_every_normal(tmp_path):

@@ -12,8 +12,9 @@ two splits, so validation and test never score an augmented copy of a training i
 Every image is a mild random crop (85-100 % of the breast's box), maybe flipped vertically,
 with a small gamma jitter. Abnormal images get 1-3 synthetic lesions (masses, spiculated
 masses, calcification clusters) from subtle to obvious (6-100 px across; 3-60 % of the local
-tissue range added) and a mask PNG (0/255); lesions.csv records each lesion (kind, centre, size,
-contrast). Images come in pairs, one normal and one abnormal, so a build with fewer images per
+tissue range added) and a mask PNG (0/255) in their own folder, masks/<split>/ (as the official
+layouts keep masks apart, so that scanning a split's folder finds images only); lesions.csv records
+each lesion (kind, centre, size, contrast). Images come in pairs, one normal and one abnormal, so a build with fewer images per
 view (`counts`) is the first images of the full one, balanced. The labels describe the
 synthetic lesions only: the "malign" case's real finding is present in all its views, training
 included.
@@ -31,7 +32,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from swssl.data.datasets import MANIFEST_NAME, resize_antialiased
-from swssl.errors import DatasetError, ImageReadError
+from swssl.errors import ConfigError, DatasetError, ImageReadError
 
 HEIGHT, WIDTH = 1024, 768
 SPLIT_VIEWS: dict[str, list[tuple[str, str]]] = {
@@ -41,6 +42,8 @@ SPLIT_VIEWS: dict[str, list[tuple[str, str]]] = {
 }
 IMAGES_PER_VIEW = {"train": 15, "val": 20, "test": 100}
 LESIONS_NAME = "lesions.csv"
+MASKS_FOLDER = "masks"  # masks/<split>/<image stem>_mask.png
+CREDITS_NAME = "CREDITS.txt"
 LESION_FIELDS = ("path", "lesion", "kind", "y", "x", "diameter_px", "area_px", "contrast")
 CROP_FRACTION = (0.85, 1.0)
 GAMMA = (0.9, 1.1)
@@ -74,10 +77,12 @@ def build_demo_data(out_dir: Path, seed: int = 0, counts: dict[str, int] | None 
     Deterministic: the same seed gives byte-identical files. Each image draws from its own
     generator keyed by (seed, view, index), and which image of each pair is abnormal from one keyed
     by (seed, view, pair), so no image depends on the order or the number of the others. `counts`:
-    images per view of each split (even in val and test; default IMAGES_PER_VIEW).
+    images per view of each split (even in val and test; default IMAGES_PER_VIEW). A previous demo build in
+    `out_dir` is cleaned first; any other non-empty folder is refused (`_prepare_folder`).
     """
     out_dir, counts = Path(out_dir), {**IMAGES_PER_VIEW, **(counts or {})}
     views = _load_views()
+    _prepare_folder(out_dir)
     rows: list[tuple[str, int, str, str]] = []
     lesions: list[dict] = []
     for split, names in SPLIT_VIEWS.items():
@@ -88,18 +93,20 @@ def build_demo_data(out_dir: Path, seed: int = 0, counts: dict[str, int] | None 
             for index in range(counts[split]):
                 rng = np.random.default_rng([seed, view_id, index])
                 image = _augmented(source, box, rng)
-                stem = f"{split}/{case}-{view}-{index:02d}"
+                name = f"{case}-{view}-{index:02d}"
+                stem = f"{split}/{name}"
                 abnormal = split != "train" and _abnormal(seed, view_id, index)
                 mask_name = ""
                 if abnormal:
                     image, mask, found = insert_lesions(image, rng)
-                    mask_name = f"{stem}_mask.png"
+                    mask_name = f"{MASKS_FOLDER}/{split}/{name}_mask.png"
+                    (out_dir / mask_name).parent.mkdir(parents=True, exist_ok=True)
                     _save_png(out_dir / mask_name, mask.astype(np.uint8) * 255)
                     lesions += [{"path": f"{stem}.png", "lesion": number, **lesion}
                                 for number, lesion in enumerate(found, 1)]
                 _save_png(out_dir / f"{stem}.png", np.round(image * 65535).astype(np.uint16))
                 rows.append((f"{stem}.png", int(abnormal), split, mask_name))
-    (out_dir / "CREDITS.txt").write_text(CREDITS)
+    (out_dir / CREDITS_NAME).write_text(CREDITS)
     with open(out_dir / LESIONS_NAME, "w", newline="") as handle:
         writer = csv.DictWriter(handle, LESION_FIELDS, lineterminator="\n")
         writer.writeheader()
@@ -110,6 +117,36 @@ def build_demo_data(out_dir: Path, seed: int = 0, counts: dict[str, int] | None 
         writer.writerow(["path", "label", "split", "mask"])
         writer.writerows(rows)
     return manifest
+
+
+def _prepare_folder(out_dir: Path) -> None:
+    """Clean a previous demo build (re-running with another seed or counts must leave none of its files, e.g.
+    masks the new build does not make) and refuse any other non-empty folder: writing a dataset into one would
+    replace its manifest.csv and mix two datasets. A previous build is recognised by its CREDITS.txt and
+    manifest.csv; only the files it wrote are deleted (those its manifest lists, its tables and credits), then
+    the folders they leave empty."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    credits, manifest = out_dir / CREDITS_NAME, out_dir / MANIFEST_NAME
+    first_line = CREDITS.splitlines()[0]
+    if not (credits.is_file() and credits.read_text(errors="replace").startswith(first_line) and manifest.is_file()):
+        raise ConfigError(f"{out_dir}: not empty and not a demo data folder (no {CREDITS_NAME} of a demo build); "
+                          "choose an empty or new folder")
+    try:
+        with open(manifest, newline="") as handle:
+            listed = {row[key] for row in csv.DictReader(handle) for key in ("path", "mask") if row.get(key)}
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{manifest}: cannot read the previous demo build's manifest ({exc}); "
+                           "delete the folder yourself") from None
+    root = out_dir.resolve()
+    inside = sorted(name for name in listed if (out_dir / name).resolve().is_relative_to(root))
+    for path in [out_dir / name for name in inside] + [manifest, out_dir / LESIONS_NAME, credits]:
+        if path.is_file():
+            path.unlink()
+    folders = {out_dir / parent for name in inside for parent in Path(name).parents[:-1]}
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):  # deepest first
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _abnormal(seed: int, view_id: int, index: int) -> bool:

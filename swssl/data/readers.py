@@ -25,6 +25,7 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 
 from swssl.errors import ConfigError, ImageReadError
+from swssl.data.limits import DEFAULT_MAX_PIXELS
 from swssl.data.integrity import (END_MARKERS, TIFF_CODESTREAMS, PydicomWarnings, ShortReads, codestream_size,
                                   ends_with_marker, png_missing, read_at, segment_bytes, strict_pillow)
 
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 Region = tuple[int, int, int, int]  # (y, x, height, width) in pixels of one frame
 
 INTENSITIES = ("bits", "minmax")
-DEFAULT_MAX_PIXELS = 1 << 32  # per frame (height x width); larger frames are refused at open
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, the weights Pillow itself uses for RGB -> "L"
 _BAND_PIXELS = 1 << 24  # the min..max scan of a frame reads bands of about this many pixels
 _SPECIAL_FILES = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
@@ -121,6 +121,11 @@ class ImageReader(ABC):
         if self.max_pixels is not None and height * width > self.max_pixels:
             raise ImageReadError(self.path, f"image of {height} x {width} px is larger than the pixel limit "
                                             f"of {self.max_pixels} (--max-pixels)")
+
+    @property
+    def bit_depth(self) -> int:
+        """Significant bits per stored sample (a float image: its float size), as the domain check compares."""
+        return self._bits or self.dtype.itemsize * 8
 
     def _nonfinite(self, gray: np.ndarray) -> int:
         """How many NaN/inf values float data holds (integer data holds none)."""

@@ -39,7 +39,7 @@ import torch
 from swssl.registry import BACKENDS, BY_BACKEND, BY_NAME, TORCH_BACKENDS, kind_of_file
 from swssl.model.checkpoint import BEST, CHECKPOINT, load_encoder, weights_digest
 from swssl.config import Config
-from swssl.device import parse_device
+from swssl.device import import_cpp_extension, parse_device
 from swssl.errors import SwsslError
 from swssl.model.encoder import PatchEncoder
 
@@ -130,6 +130,7 @@ class TorchBackend(Backend):
             self.encoder = self.encoder.to(memory_format=torch.channels_last)
         if compile:
             self.name = "torch-compiled"
+            import_cpp_extension(self.device)
         # torch.compile is lazy: each graph compiles at its first call, so the unused one costs nothing.
         self.forward = torch.compile(self.encoder, dynamic=True) if compile else self.encoder
         self.cells = torch.compile(self.encoder.feature_map, dynamic=True) if compile else self.encoder.feature_map

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from swssl.files import atomic_write
-from swssl.scoring.metrics import pixel_map
+from swssl.scoring.calibration import Calibration, Threshold
+from swssl.scoring.colours import colour_scale
+from swssl.scoring.metrics import top_window
 from swssl.names import safe_name
-from swssl.scoring.report import save_overlay
+from swssl.scoring.report import heat_map, save_overlay
 from swssl.inference.results import HEATMAPS
 from swssl.windows.tiling import ImageScore
 
@@ -30,9 +32,12 @@ def heatmap_name(path: str, frame: int, frames: int) -> str:
     return name if frames == 1 else f"{name}-f{frame}"
 
 
-def write_heatmap(out_dir: Path, name: str, result: ImageScore, overlay: Overlay | None,
-                  caption: str) -> dict[str, str]:
-    """heatmaps/<name>.npy (the window-score map) and heatmaps/<name>.png (overlay); relative paths."""
+def write_heatmap(out_dir: Path, name: str, result: ImageScore, overlay: Overlay | None, title: list[str],
+                  calibration: Calibration | None = None, threshold: Threshold | None = None) -> dict[str, str]:
+    """heatmaps/<name>.npy (the window-score map) and heatmaps/<name>.png (overlay); relative paths.
+
+    The overlay is on the run's colour scale (colours.colour_scale of `calibration` and `threshold`;
+    without a calibration, the slide's own), with `title` lines above it and the top window boxed."""
     written: dict[str, str] = {}
     if result.window_scores is None:
         return written
@@ -50,10 +55,10 @@ def write_heatmap(out_dir: Path, name: str, result: ImageScore, overlay: Overlay
         patch = max(1, round(windows.patch / t))
         rows = np.minimum(np.floor(windows.rows / t).astype(int), image.shape[0] - patch)
         cols = np.minimum(np.floor(windows.cols / t).astype(int), image.shape[1] - patch)
-        scored = maps[~np.isnan(maps)]
-        low, high = (float(scored.min()), float(scored.max())) if scored.size else (0.0, 1.0)
-        high = high if high > low else low + 1.0
-        heat = pixel_map(maps, rows, cols, patch, image.shape)
-        save_overlay(folder / f"{name}.png", image, heat, low, high, f"{caption}\nheat scale {low:.4g} .. {high:.4g}")
+        scale = colour_scale(calibration, threshold, [maps], own=True)
+        top = top_window(maps, rows, cols)
+        save_overlay(folder / f"{name}.png", image, heat_map(maps, rows, cols, patch, image.shape), scale, title,
+                     box=None if top is None else (*top, patch, patch),
+                     flagged=None if threshold is None else threshold.flags(result.score))
         written["heatmap"] = f"{HEATMAPS}/{name}.png"
     return written

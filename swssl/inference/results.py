@@ -31,12 +31,12 @@ from swssl.names import spreadsheet_cell
 SCORES_CSV = "scores.csv"
 SCORES_JSONL = "scores.jsonl"
 HEATMAPS = "heatmaps"
-COLUMNS = ("path", "frame", "score", "windows_scored", "windows_skipped", "seconds", "status", "best_frame",
-           "message")
+COLUMNS = ("path", "frame", "score", "percentile", "anomalous", "windows_scored", "windows_skipped", "seconds",
+           "status", "best_frame", "message", "warning")
 VOLUME = "volume"
 DONE = ("ok", "empty")  # final results: --resume skips them (errors are retried)
 # The settings a resumed run must share with the results already in OUT_DIR.
-_RESUME_KEYS = ("encoder_digest", "scorer", "scorer_options", "geometry", "mode", "scale")
+_RESUME_KEYS = ("encoder_digest", "scorer", "scorer_options", "geometry", "mode", "scale", "threshold")
 
 
 def _jsonl_records(out_dir: str | Path, kind: str) -> list[dict[str, Any]]:
@@ -153,11 +153,13 @@ def _csv_line(values: Iterable[Any]) -> bytes:
 
 def _csv_values(record: dict[str, Any]) -> list[str]:
     score, seconds, frame, best = (record.get(k) for k in ("score", "seconds", "frame", "best_frame"))
+    percentile, anomalous = record.get("percentile"), record.get("anomalous")
     return [spreadsheet_cell(str(record.get("path", ""))), "" if frame is None else str(frame),
-            "" if score is None else repr(float(score)), str(record.get("windows_scored", "")),
+            "" if score is None else repr(float(score)), "" if percentile is None else f"{percentile:.2f}",
+            "" if anomalous is None else str(bool(anomalous)).lower(), str(record.get("windows_scored", "")),
             str(record.get("windows_skipped", "")), "" if seconds is None else f"{seconds:.3f}",
             str(record.get("status", "")), "" if best is None else str(best),
-            spreadsheet_cell(str(record.get("message", "")))]
+            spreadsheet_cell(str(record.get("message", ""))), spreadsheet_cell(str(record.get("warning", "")))]
 
 
 def _json_default(value: Any) -> Any:

@@ -22,12 +22,13 @@ Names reach the terminal escaped (swssl.names).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -41,13 +42,15 @@ from swssl.files import FolderLock
 from swssl.inference.gallery import write_gallery
 from swssl.inference.heatmaps import Overlay, heatmap_name, write_heatmap
 from swssl.names import for_terminal, one_line, readable
-from swssl.scoring.report import MAX_OVERLAY_SIDE
-from swssl.inference.results import SCORES_CSV, VOLUME, ResultLog, read_results
+from swssl.scoring.report import MAX_OVERLAY_SIDE, score_line
+from swssl.inference.results import HEATMAPS, SCORES_CSV, VOLUME, ResultLog, read_results
 from swssl.inference.run import OpenRun
+from swssl.scoring.calibration import Decision, resolve_threshold
+from swssl.scoring.domain import FrameStats
 from swssl.scoring.scorers import Scorer, build_scorer
 from swssl.inference.slides import find_slides
 from swssl.windows.stream import SlideStream, scale_factor
-from swssl.windows.tiling import ImageScore, ImageWindows, score_source
+from swssl.windows.tiling import Chunk, ImageScore, ImageWindows, WindowSource, score_source
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -74,24 +77,87 @@ class Settings:
     heatmaps: bool = False
     prefetch: int = 2
     max_pixels: int | None = readers.DEFAULT_MAX_PIXELS  # per frame; larger files are refused at open
+    threshold: str | None = None  # a --threshold rule (swssl.scoring.calibration); None: the default
+    dicom: bool = False  # a DICOM Parametric Map of the scores per DICOM input (swssl.inference.dicom_out)
+
+
+STATS_SIDE = 256  # px: the thumbnail of a streamed frame that its intensity statistics are taken from
+
+
+SLIDE_BAR_DELAY = 3.0  # s: a frame that takes longer gets a bar of its own (its windows done, an ETA)
+REPORT_EVERY = 0.5  # s between progress reports within a frame (each costs a device-to-host sync)
+
+
+class _Reporting:
+    """A window source that reports (windows done, the grid's total) as its chunks are scored. Done counts the
+    grid positions up to the last window embedded, background ones included: the total is known up front (the
+    grid) but the foreground is not, so this count reaches the total and paces an honest ETA. Reports come at
+    the start, at most every `every` seconds, and at the end."""
+
+    def __init__(self, source: WindowSource, report: Callable[[int, int], None], every: float = REPORT_EVERY):
+        self.source, self.report, self.every, self.grid = source, report, every, source.grid
+
+    @property
+    def foreground(self):
+        return self.source.foreground
+
+    def chunks(self, encode, every_window: bool) -> Iterator[Chunk]:
+        rows, cols = self.grid.shape
+        self.report(0, rows * cols)
+        last = time.perf_counter()
+        with contextlib.closing(self.source.chunks(encode, every_window)) as chunks:
+            for chunk in chunks:
+                yield chunk  # resumed once the scorers have taken it
+                if len(chunk.rows) and time.perf_counter() - last >= self.every:
+                    self.report(int(chunk.rows[-1] * cols + chunk.cols[-1]) + 1, rows * cols)
+                    last = time.perf_counter()
+        self.report(rows * cols, rows * cols)
+
+
+@contextlib.contextmanager
+def _frame_bar(slides_bar: Any, label: str) -> Iterator[Callable[[int, int], None]]:
+    """A `score_frame` progress callback: a bar below the slides bar, windows done of the frame's total with
+    their rate and an ETA, that appears only once the frame has taken SLIDE_BAR_DELAY seconds (a large slide)
+    and goes when it is done; none when the slides bar is disabled (--quiet)."""
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=label, unit="window", unit_scale=True, leave=False, delay=SLIDE_BAR_DELAY,
+                       disable=getattr(slides_bar, "disable", False), dynamic_ncols=True)
+        bar.update(max(0, done - bar.n))
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def score_frame(reader: readers.ImageReader, frame: int, model: OpenRun, scorer: Scorer, settings: Settings,
-                progress: Callable[[int], None] | None = None) -> tuple[ImageScore, Overlay | None]:
-    """Score one frame in the settings' geometry; with heatmaps, also what its overlay is drawn on."""
+                progress: Callable[[int, int], None] | None = None) -> tuple[ImageScore, Overlay | None, FrameStats]:
+    """Score one frame in the settings' geometry; with heatmaps, also what its overlay is drawn on; and the
+    frame's statistics for the domain check. `progress(done, total)`: windows done (`_Reporting`)."""
     config, backend = model.config, model.backend
+
+    def reporting(source: WindowSource) -> WindowSource:
+        return source if progress is None else _Reporting(source, progress)
+
     if settings.geometry == "resize":
         g = config.geometry
         image = resize_frame(reader, frame, g.height, g.width)  # = datasets.load_resized
         height, width = reader.shape
         source = ImageWindows(image, config, settings.batch_size, backend.device, (height / g.height, width / g.width))
-        result = score_source(source, backend, {settings.scorer_name: scorer}, progress)[settings.scorer_name]
-        return result, Overlay(image, 1) if settings.heatmaps else None
+        result = score_source(reporting(source), backend, {settings.scorer_name: scorer})[settings.scorer_name]
+        return (result, Overlay(image, 1) if settings.heatmaps else None,
+                FrameStats.of(reader.shape, reader.bit_depth, image))
     stream = SlideStream(reader, frame, config, scale=settings.scale, device=backend.device,
                          prefetch=settings.prefetch, batch_size=settings.batch_size,
-                         thumbnail_side=MAX_OVERLAY_SIDE if settings.heatmaps else None)
-    result = score_source(stream, backend, {settings.scorer_name: scorer}, progress)[settings.scorer_name]
-    return result, Overlay(stream.thumbnail, stream.thumbnail_factor) if settings.heatmaps else None
+                         thumbnail_side=MAX_OVERLAY_SIDE if settings.heatmaps else STATS_SIDE)
+    result = score_source(reporting(stream), backend, {settings.scorer_name: scorer})[settings.scorer_name]
+    return (result, Overlay(stream.thumbnail, stream.thumbnail_factor) if settings.heatmaps else None,
+            FrameStats.of(reader.shape, reader.bit_depth, stream.thumbnail))
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -121,7 +187,8 @@ class RunSummary:
 
 def choose_settings(config: Config, scorer: str | None, scorer_options: dict[str, dict] | None,
                     scale: float | None, batch_size: int, heatmaps: bool, prefetch: int = 2,
-                    max_pixels: int | None = readers.DEFAULT_MAX_PIXELS) -> Settings:
+                    max_pixels: int | None = readers.DEFAULT_MAX_PIXELS, threshold: str | None = None,
+                    dicom: bool = False) -> Settings:
     """The geometry (run config, or native when `scale` is given), the scorer (default: aligned for
     resize, global for native) and its options."""
 
@@ -133,26 +200,30 @@ def choose_settings(config: Config, scorer: str | None, scorer_options: dict[str
         raise ConfigError(f"--batch must be at least 1, not {batch_size}")
     if max_pixels is not None and max_pixels < 1:
         raise ConfigError(f"--max-pixels must be at least 1, not {max_pixels}")
-    return Settings(geometry, scale, name, dict(options), batch_size, heatmaps, prefetch, max_pixels)
+    return Settings(geometry, scale, name, dict(options), batch_size, heatmaps, prefetch, max_pixels, threshold, dicom)
 
 
 def run_inference(slides: Sequence[str | Path], model: OpenRun, out_dir: str | Path, settings: Settings,
                   resume: bool = False, progress: bool = True,
-                  echo: Callable[[str], None] | None = None) -> RunSummary:
-    """Score every slide; see the module docstring for what is written where and when."""
+                  echo: Callable[[str], None] | None = None, exclude: Sequence[str] = ()) -> RunSummary:
+    """Score every slide; see the module docstring for what is written where and when. `exclude`: globs of
+    files that folders and globs do not contribute (slides.find_slides)."""
     out_dir = Path(out_dir)
-    files, problems = find_slides(slides, exclude=out_dir)
+    files, problems = find_slides(slides, out_dir=out_dir, exclude=exclude)
     if not files and not problems:
         raise ConfigError("no slides given")
     backend = model.backend
     scorer = build_scorer(settings.scorer_name, model.bank, backend.device, **settings.scorer_options)
+    calibration = model.bank.calibration(settings.scorer_name, settings.scorer_options)
+    decision = Decision(calibration, resolve_threshold(settings.threshold, calibration), model.bank.domain)
     header = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": str(model.source),
               "run_dir": str(model.run_dir), "backend": getattr(backend, "name", type(backend).__name__),
               "device": str(backend.device), "precision": getattr(backend, "precision", None),
               "backend_reason": getattr(backend, "reason", ""), "encoder_digest": model.digest, "scorer": settings.scorer_name,
               "scorer_options": settings.scorer_options, "geometry": settings.geometry,
               "mode": model.config.geometry.mode, "scale": settings.scale, "batch_size": settings.batch_size, "resumed": bool(resume),
-              "config": model.config.to_dict()}
+              "threshold": None if decision.threshold is None else decision.threshold.to_dict(),
+              "calibration": decision.describe(), "config": model.config.to_dict()}
     summary = RunSummary(out_dir)
     print_line = echo or (lambda text: tqdm.write(text, file=sys.stderr))
 
@@ -173,6 +244,7 @@ def run_inference(slides: Sequence[str | Path], model: OpenRun, out_dir: str | P
 
         if header["backend_reason"]:
             say(f"backend: {header['backend_reason']}")
+        say(f"threshold: {header['calibration']}")
         writable = True
         try:
             for argument, message in problems:
@@ -188,7 +260,8 @@ def run_inference(slides: Sequence[str | Path], model: OpenRun, out_dir: str | P
                     record_error(key, None, _error_message(exc))
                     continue
                 with reader:
-                    _score_file(key, reader, model, scorer, settings, log, summary, bar, common, record_error)
+                    _score_file(key, reader, model, scorer, settings, log, summary, bar, common, record_error,
+                                decision, say)
             bar.close()
         except OutputError:  # the results cannot be written: stop, and say so once
             writable = False
@@ -217,7 +290,8 @@ def _finish_outputs(log: ResultLog, out_dir: Path, header: dict[str, Any], summa
 
 
 def _score_file(key: str, reader: readers.ImageReader, model: OpenRun, scorer: Scorer, settings: Settings,
-                log: ResultLog, summary: RunSummary, bar: Any, common: dict[str, Any], record_error) -> None:
+                log: ResultLog, summary: RunSummary, bar: Any, common: dict[str, Any], record_error,
+                decision: Decision, say: Callable[[str], None]) -> None:
     frames = reader.frames
     finished = log.finished
     todo = [f for f in range(frames) if (key, str(f)) not in finished]
@@ -227,20 +301,15 @@ def _score_file(key: str, reader: readers.ImageReader, model: OpenRun, scorer: S
         return
     done = {f: finished[(key, str(f))] for f in range(frames) if (key, str(f)) in finished}
     name = for_terminal(Path(key).name)
+    scores: dict[int, ImageScore] = {}  # this run's results, for the DICOM map of the whole file
+    dicom: dict[str, str] = {}
     for frame in todo:
         started = time.perf_counter()
         label = name if frames == 1 else f"{name} [{frame + 1}/{frames}]"
-        last = [0.0]
-
-        def progress(encoded: int, label: str = label, started: float = started) -> None:
-            now = time.perf_counter()
-            if now - last[0] >= 0.5:
-                last[0] = now
-                bar.set_postfix_str(f"{label}: {encoded / max(now - started, 1e-9):.0f} windows/s", refresh=True)
-
         bar.set_postfix_str(label, refresh=True)
         try:
-            result, overlay = score_frame(reader, frame, model, scorer, settings, progress)
+            with _frame_bar(bar, label) as progress:
+                result, overlay, stats = score_frame(reader, frame, model, scorer, settings, progress)
             if result.scored and not math.isfinite(result.score):
                 raise SwsslError(f"non-finite score {result.score} (the model or the memory bank gives NaN/inf)")
         except KeyboardInterrupt:
@@ -254,15 +323,21 @@ def _score_file(key: str, reader: readers.ImageReader, model: OpenRun, scorer: S
         record = {"path": key, "frame": frame, "score": float(result.score), "windows_scored": result.scored,
                   "windows_skipped": result.skipped, "seconds": round(seconds, 3), "status": "ok",
                   "message": "", "frames": frames, "shape": list(reader.shape), "grid": list(result.windows.shape),
-                  "top_window": result.top_window(tuple(reader.shape)), **common}
+                  "top_window": result.top_window(tuple(reader.shape)), **decision.judge(result.score, stats), **common}
+        if record["warning"]:
+            say(f"warning: {key}{f' frame {frame}' if frames > 1 else ''}: {record['warning']}")
         if not result.scored:  # nothing to compare: a score here would read as "most normal"
             threshold = model.config.preprocess.foreground_threshold
-            record.update(score=None, status="empty", top_window=None,
+            record.update(score=None, status="empty", top_window=None, percentile=None, anomalous=None,
                           message=f"no foreground: no window has a pixel above preprocess.foreground_threshold "
                                   f"= {threshold:g} (blank or all-background image); not scored")
             summary.empty += 1
         elif settings.heatmaps:
-            _add_heatmap(record, result, overlay, key, frame, frames, log.out_dir, summary)
+            _add_heatmap(record, result, overlay, key, frame, frames, log.out_dir, summary, decision)
+        scores[frame] = result
+        if settings.dicom and reader.kind == "DICOM" and frame == todo[-1]:
+            dicom = _add_dicom(key, frames, scores, log.out_dir, settings, decision, summary)
+            record.update(dicom)
         log.write(record)
         done[frame] = record
         summary.scored += 1
@@ -270,15 +345,45 @@ def _score_file(key: str, reader: readers.ImageReader, model: OpenRun, scorer: S
         summary.seconds += seconds
         bar.set_postfix_str(f"{label}: {result.scored / max(seconds, 1e-9):.0f} windows/s", refresh=True)
     if volume_due:
-        log.write(_volume_record(key, frames, done, common))
+        log.write({**_volume_record(key, frames, done, common, decision), **dicom})
+
+
+def _add_dicom(key: str, frames: int, scores: dict[int, ImageScore], out_dir: Path, settings: Settings,
+               decision: Decision, summary: RunSummary) -> dict[str, str]:
+    """heatmaps/<name>.dcm, the Parametric Map of every frame of a DICOM file, as {"dicom": relative path};
+    {} when a frame has no score from this run (failed, or done by an earlier one: --resume) or it cannot
+    be written (listed in the summary)."""
+    missing = [f for f in range(frames) if f not in scores]
+    try:
+        if missing:
+            raise SwsslError(f"{len(missing)} of {frames} frame(s) not scored by this run (failed, or done "
+                             "before --resume): run without --resume for the whole file's map")
+        from swssl.inference.dicom_out import write_parametric_map  # imports highdicom
+
+        threshold = decision.threshold
+        path = write_parametric_map(key, [scores[f] for f in range(frames)], out_dir / HEATMAPS,
+                                    heatmap_name(key, 0, 1), threshold=None if threshold is None else threshold.value,
+                                    threshold_description="" if threshold is None else threshold.description,
+                                    scorer=settings.scorer_name)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # the scores stand; say why the DICOM object is missing
+        summary.unwritten.append((f"DICOM heatmap of {key}", one_line(f"no DICOM heatmap: {_error_message(exc)}")))
+        return {}
+    return {"dicom": f"{HEATMAPS}/{path.name}"}
 
 
 def _add_heatmap(record: dict[str, Any], result: ImageScore, overlay: Overlay | None, key: str, frame: int,
-                 frames: int, out_dir: Path, summary: RunSummary) -> None:
-    """Write the slide's heatmap files into `record`; one that cannot be written is noted and listed."""
+                 frames: int, out_dir: Path, summary: RunSummary, decision: Decision) -> None:
+    """Write the slide's heatmap files into `record`, titled with what its score means and how it was
+    scored (and its out-of-domain warning); one that cannot be written is noted and listed."""
     try:
-        caption = f"score {result.score:.4g}\n{readable(Path(key).name)}" + ("" if frames == 1 else f" frame {frame}")
-        record.update(write_heatmap(out_dir, heatmap_name(key, frame, frames), result, overlay, caption))
+        title = [score_line(result.score, record.get("percentile"), decision.threshold),
+                 f"{record['scorer']} scorer · {record['mode']} mode · {record['geometry']} geometry",
+                 readable(Path(key).name) + ("" if frames == 1 else f" frame {frame}")]
+        title += [f"WARNING: {record['warning']}"] if record.get("warning") else []
+        record.update(write_heatmap(out_dir, heatmap_name(key, frame, frames), result, overlay, title,
+                                    decision.calibration, decision.threshold))
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # the score stands; say why its picture is missing
@@ -286,8 +391,10 @@ def _add_heatmap(record: dict[str, Any], result: ImageScore, overlay: Overlay | 
         summary.unwritten.append((f"heatmap of {key}" + (f" frame {frame}" if frames > 1 else ""), record["message"]))
 
 
-def _volume_record(key: str, frames: int, done: dict[int, dict[str, Any]], common: dict[str, Any]) -> dict[str, Any]:
-    """The volume's row: the max over its scored frames; an error when a frame failed, empty when all are."""
+def _volume_record(key: str, frames: int, done: dict[int, dict[str, Any]], common: dict[str, Any],
+                   decision: Decision) -> dict[str, Any]:
+    """The volume's row: the max over its scored frames (its percentile and flag those of that frame among
+    normal frames); an error when a frame failed, empty when all are."""
     missing = [f for f in range(frames) if f not in done]
     base = {"path": key, "frame": VOLUME, "score": None, "frames": frames, **common}
     if missing:
@@ -303,7 +410,9 @@ def _volume_record(key: str, frames: int, done: dict[int, dict[str, Any]], commo
         return {**base, **counts, "status": "empty", "message": f"no foreground in any of the {frames} frames"}
     best = max(scores, key=lambda f: (scores[f], -f))
     empty = frames - len(scores)
-    return {**base, **counts, "score": scores[best], "best_frame": best, "status": "ok",
+    warnings = sorted({r["warning"] for r in done.values() if r.get("warning")})
+    return {**base, **counts, **decision.judge(scores[best]), "warning": "; ".join(warnings),
+            "score": scores[best], "best_frame": best, "status": "ok",
             "message": f"max over {frames} frames, at frame {best}" + (f" ({empty} empty)" if empty else "")}
 
 

@@ -3,7 +3,9 @@
 The official code recomputes this at every evaluation and keeps it in host memory as float32;
 here it is built in batches on the device and saved as safetensors (fp16 by default) with the
 metadata that says what it is valid for: the encoder's weight digest, the geometry, the
-preprocessing and the grid, plus a sha256 of its tensors. Loading it against a different encoder
+preprocessing and the grid, plus a sha256 of its tensors. The metadata also says what its scores
+mean (swssl.scoring.calibration: the scores of held-out images, per scorer) and what its images
+were like (swssl.scoring.domain), both covered by the sha256. Loading it against a different encoder
 or input preparation fails with a message naming what differs; a bank whose bytes changed, or
 that holds NaN/inf, is refused with the command that rebuilds it.
 """
@@ -12,15 +14,19 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from swssl.files import atomic_write
 from swssl.config import Config
-from swssl.data.datasets import Sample, load_resized
+from swssl.data import readers
+from swssl.data.datasets import Sample, resize_frame
+from swssl.scoring.calibration import Calibration, options_key
+from swssl.scoring.domain import Domain, FrameStats
 from swssl.windows.embed import Encode
 from swssl.errors import SwsslError
 from swssl.windows.tiling import ImageWindows
@@ -38,9 +44,10 @@ class BankDamagedError(SwsslError):
     """A bank file whose bytes changed since it was written (checksum), or that holds NaN/inf."""
 
 
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the tensors' names, dtypes, shapes and bytes: what the bank's metadata records and load checks."""
-    digest = hashlib.sha256()
+def tensors_digest(tensors: dict[str, torch.Tensor], extras: str = "") -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes (and of `extras`, the calibration and domain
+    metadata, when there are any): what the bank's metadata records and load checks."""
+    digest = hashlib.sha256(extras.encode())
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
@@ -55,15 +62,30 @@ class MemoryBank:
     config: Config
     encoder_digest: str
     paths: list[str]
+    calibrations: dict[str, Calibration] = field(default_factory=dict)  # by calibration.options_key
+    domain: Domain | None = None  # what the bank's images were like (None: a bank built before it was kept)
+
+    def calibration(self, scorer: str, options: dict[str, Any]) -> Calibration | None:
+        """The calibration of `scorer` with `options`, if the bank holds one."""
+        return self.calibrations.get(options_key(scorer, options))
+
+    def _extras(self) -> dict[str, str]:
+        extras = {}
+        if self.calibrations:
+            extras["calibrations"] = json.dumps({key: c.to_dict() for key, c in self.calibrations.items()})
+        if self.domain is not None:
+            extras["domain"] = json.dumps(self.domain.to_dict())
+        return extras
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
         tensors = {"embeddings": self.embeddings.contiguous().cpu(), "foreground": self.foreground.contiguous().cpu()}
+        extras = self._extras()
         metadata = {"format": FORMAT, "config": json.dumps(self.config.to_dict()),
                     "encoder_digest": self.encoder_digest, "paths": json.dumps(self.paths),
                     "grid": json.dumps(list(self.foreground.shape[1:])), "images": str(len(self.paths)),
-                    "sha256": tensors_digest(tensors)}
+                    "sha256": tensors_digest(tensors, _joined(extras)), **extras}
 
         def write(tmp: Path) -> None:
             try:
@@ -95,12 +117,15 @@ class MemoryBank:
             if metadata.get("format") != FORMAT:
                 raise BankDamagedError(f"{path}: a memory bank of format {metadata.get('format')!r}, not {FORMAT} "
                                        f"(an older swssl's, without a checksum); {rebuild}")
-            if tensors_digest(tensors) != metadata.get("sha256"):
+            extras = {key: metadata[key] for key in ("calibrations", "domain") if key in metadata}
+            if tensors_digest(tensors, _joined(extras)) != metadata.get("sha256"):
                 raise BankDamagedError(f"{path}: memory bank is damaged (its tensors do not match the checksum "
                                        f"in its metadata); {rebuild}")
             bank = cls(tensors["embeddings"], tensors["foreground"].bool(),
                        Config.from_dict(json.loads(metadata["config"])), metadata["encoder_digest"],
-                       json.loads(metadata["paths"]))
+                       json.loads(metadata["paths"]),
+                       {key: Calibration.from_dict(c) for key, c in json.loads(extras.get("calibrations", "{}")).items()},
+                       Domain.from_dict(json.loads(extras["domain"])) if "domain" in extras else None)
         except BankDamagedError:
             raise
         except Exception as exc:
@@ -112,6 +137,10 @@ class MemoryBank:
         if config is not None:
             check_compatible(bank, config, encoder_digest, path)
         return bank
+
+
+def _joined(extras: dict[str, str]) -> str:
+    return "".join(f"{key}={extras[key]};" for key in sorted(extras))
 
 
 def bank_file(run_dir: str | Path, mode: str = "exact") -> Path:
@@ -135,12 +164,15 @@ def check_compatible(bank: MemoryBank, config: Config, encoder_digest: str | Non
 def build_bank(encode: Encode, samples: list[Sample], config: Config, encoder_digest: str,
                batch_size: int = 256, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float16) -> MemoryBank:
-    """Embed every window of every sample (a progress bar over images) into a bank."""
-    embeddings, foreground = [], []
+    """Embed every window of every sample (a progress bar over images) into a bank, with the samples' domain."""
+    embeddings, foreground, stats = [], [], []
+    g = config.geometry
     for sample in tqdm(samples, desc="memory bank", unit="img"):
-        image = load_resized(sample, config.geometry, config.preprocess.intensity)
+        with readers.open_image(sample.path, config.preprocess.intensity) as reader:  # = datasets.load_resized
+            image = resize_frame(reader, sample.frame, g.height, g.width)
+            stats.append(FrameStats.of(reader.shape, reader.bit_depth, image))
         emb, fg = ImageWindows(image, config, batch_size, device).embed(encode)
         embeddings.append(emb.to("cpu", dtype))
         foreground.append(fg.cpu())
     return MemoryBank(torch.stack(embeddings), torch.stack(foreground), config, encoder_digest,
-                      [str(s.path) for s in samples])
+                      [str(s.path) for s in samples], domain=Domain.of(stats) if stats else None)

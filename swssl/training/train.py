@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from swssl.scoring.bank import MemoryBank, bank_file, build_bank
+from swssl.scoring.bank import MemoryBank, bank_file
 from swssl.model.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_encoder, save_checkpoint, weights_digest
 from swssl.config import Config
 from swssl.device import parse_device
@@ -26,13 +26,14 @@ from swssl.errors import ConfigError, DatasetError, SwsslError
 from swssl.files import LOCK, FolderLock, atomic_write
 from swssl.data.datasets import Sample, discover, load_resized, select
 from swssl.scoring.metrics import format_interval
-from swssl.scoring.evaluate import validation_auroc
+from swssl.scoring.evaluate import build_calibrated_bank, validation_auroc
 from swssl.training.loss import LossTerms, swssl_loss
 from swssl.model.encoder import build_encoder
 from swssl.training.triplets import WindowTriplets
 
 CACHE_LIMIT_BYTES = 2 << 30  # training images are held in memory (16-bit) when they fit in this
 LOG = "train_log.csv"
+LOG_PLOT = "train_log.png"  # the loss terms and the val AUROC against the epoch, rewritten at every validation
 RUN_MARKERS = {CHECKPOINT, BEST, "config.json", LOG}  # files that say a folder holds a run
 LOG_FIELDS = ("epoch", "loss", "twin", "pair", "neighbour", "seconds", "val_auroc")
 
@@ -112,6 +113,8 @@ def _train(config: Config, data: str | Path, out: Path, dev: torch.device, resum
         config = config.override({"train": {"epochs": epochs}})
     tc = config.train
     if resume and start_epoch >= tc.epochs:
+        if build_final_bank and _complete(out, start_epoch):
+            return _selected(out)
         tqdm.write(f"{out}: training already complete ({start_epoch} of {tc.epochs} epochs); nothing to train "
                    "(--epochs N extends it)")
 
@@ -161,15 +164,16 @@ def _train(config: Config, data: str | Path, out: Path, dev: torch.device, resum
                 if validation:
                     history[-1]["val_auroc"] = _validate(encoder, samples, validation, config, dev, history, out)
                 save_checkpoint(out / CHECKPOINT, encoder, optimizer, epoch + 1, config, history)
+                _plot_log(out / LOG_PLOT, history)
             _append_log(out / LOG, history[-1])
     except KeyboardInterrupt:
         bar.close()
         save_checkpoint(out / CHECKPOINT, encoder, optimizer, len(history), config, history)
         raise
     bar.close()
-    selected = out / BEST if (out / BEST).exists() else out / CHECKPOINT
+    selected = _selected(out)
     if build_final_bank:
-        _build_run_bank(selected, samples, dev, out)
+        _build_run_bank(selected, everything, dev, out)
     return selected
 
 
@@ -196,18 +200,63 @@ def _validate(encoder, train_samples, val_samples, config: Config, device, histo
 
 
 def _build_run_bank(checkpoint: Path, samples: list[Sample], device, out: Path) -> None:
-    """The selected encoder's bank; one that already fits it (a finished run resumed) is kept."""
+    """The selected encoder's bank, calibrated on held-out images of `samples` (the whole dataset); one that
+    already fits it (a finished run resumed) is kept."""
     encoder, config = load_encoder(checkpoint)
     digest, path = weights_digest(encoder), bank_file(out, config.geometry.mode)
-    if path.is_file():
-        try:
-            MemoryBank.load(path, config=config, encoder_digest=digest)
-            tqdm.write(f"{path}: memory bank up to date")
-            return
-        except SwsslError:
-            pass  # stale or damaged: rebuilt below
-    bank = build_bank(encoder.to(device), samples, config, digest, device=device)
+    if _bank_fits(path, config, digest):
+        tqdm.write(f"{path}: memory bank up to date")
+        return
+    bank = build_calibrated_bank(encoder.to(device), samples, config, digest, device=device)
     bank.save(path)
+
+
+def _selected(out: Path) -> Path:
+    """The run's selected checkpoint: the best validated one, else the latest."""
+    return out / BEST if (out / BEST).exists() else out / CHECKPOINT
+
+
+def _complete(out: Path, epochs: int) -> bool:
+    """Whether a finished run's memory bank fits its selected checkpoint; then says there is nothing to do (a
+    resumed `make demo` returns at once instead of loading the images and rebuilding the bank)."""
+    encoder, config = load_encoder(_selected(out))
+    bank = bank_file(out, config.geometry.mode)
+    if not _bank_fits(bank, config, weights_digest(encoder)):
+        return False
+    tqdm.write(f"nothing to do: {out} is complete ({epochs} epochs); its memory bank {bank.name} fits the selected "
+               f"{_selected(out).name} (--epochs N extends the training, --overwrite replaces it)")
+    return True
+
+
+def _bank_fits(path: Path, config: Config, digest: str) -> bool:
+    """Whether the bank at `path` exists, is intact, fits this encoder and configuration and records its domain
+    and calibration (a bank built before they existed has no domain), else it is rebuilt."""
+    if not path.is_file():
+        return False
+    try:
+        return MemoryBank.load(path, config=config, encoder_digest=digest).domain is not None
+    except SwsslError:
+        return False
+
+
+def _plot_log(path: Path, history: list[dict]) -> None:
+    """The training curves as a picture, so a run can be judged without a notebook: the loss and its terms
+    (top) and the val AUROC (bottom, when validated) against the epoch."""
+    from swssl.scoring.report import _pyplot, _save_figure
+
+    plt = _pyplot()
+    figure, (losses, auroc) = plt.subplots(2, 1, figsize=(6, 6), dpi=100, sharex=True)
+    epochs = [row["epoch"] for row in history]
+    for key in ("loss", "twin", "pair", "neighbour"):
+        losses.plot(epochs, [row[key] for row in history], marker=".", label=key, lw=2 if key == "loss" else 1)
+    losses.set(ylabel="loss (epoch mean)", title=f"Training ({len(history)} epochs)")
+    losses.legend(loc="upper right")
+    validated = [(row["epoch"], row["val_auroc"]) for row in history if row.get("val_auroc") is not None]
+    if validated:
+        auroc.plot(*zip(*validated), marker="o", color="tab:green")
+    auroc.set(xlabel="epoch", ylabel="val image AUROC", ylim=(0, 1.02))
+    figure.tight_layout()
+    _save_figure(figure, path)
 
 
 def train_step(encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, tc, device: torch.device,
