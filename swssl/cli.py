@@ -266,7 +266,7 @@ def evaluate(run_dir: Path, data: Path, split: str, per_class: int | None, score
                                images=per_class)
     click.echo(format_summaries(summaries))
     for name in options:
-        click.echo(f"report: {out_dir / report_name(split, name, options[name], per_class)}/")
+        click.echo(f"report: {out_dir / report_name(split, name, options[name], per_class, threshold)}/")
 
 
 @click.command(context_settings=CONTEXT)

@@ -162,6 +162,9 @@ def test_report_names_follow_the_options_that_differ_from_their_defaults():
     assert report_name("test", "aligned", {"radius": 1, "top": 1}, images=25) == "test-aligned-radius1-n25"
     assert report_name("val", "global", {"k": 3, "top": 1, "coreset_ratio": 0.1}) == "val-global-k3-coreset0.1"
     assert report_name("test", "reference", {}) == "test-reference"
+    assert report_name("test", "aligned", {"radius": 0, "top": 1}, threshold="normal-percentile:99") == "test-aligned"
+    assert report_name("test", "aligned", {"radius": 0}, 8, "normal-percentile:95") == \
+        "test-aligned-threshold-normal-percentile_95-n8"
 
 
 def test_evaluations_with_other_options_or_a_subset_replace_no_report(evaluated):

@@ -34,7 +34,6 @@ OVERLAY_CMAP = "inferno"
 OVERLAY_ALPHA = 0.85  # opacity of the heat at `high`
 
 
-
 @dataclass(frozen=True)
 class ColourScale:
     """Score -> colour and opacity of a heat map, and what its colour bar shows."""

@@ -20,7 +20,8 @@ from swssl.model.checkpoint import weights_digest
 from swssl.config import Config
 from swssl.data.datasets import Sample, load_mask, load_resized
 from swssl.registry import SCORER_NAMES, SCORER_OPTIONS
-from swssl.scoring.calibration import (Calibration, Decision, Threshold, calibrate, is_raw_score, options_key,
+from swssl.names import safe_name
+from swssl.scoring.calibration import (DEFAULT_THRESHOLD, Calibration, Decision, Threshold, calibrate, is_raw_score, options_key,
                                        resolve_threshold)
 from swssl.windows.geometry import grid
 from swssl.scoring.metrics import auroc_interval, image_auroc
@@ -132,7 +133,7 @@ def evaluate(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], con
             summary["by_contrast"] = by_contrast(scored, contrasts)
         extra = {"scorer_options": scorers[name], "seconds_all_scorers": seconds,
                  "encoder_digest": digest, "config": config.to_dict()}
-        write_report(out_dir / report_name(split, name, scorers[name], images), scored, summary, rows, cols,
+        write_report(out_dir / report_name(split, name, scorers[name], images, threshold), scored, summary, rows, cols,
                      config.geometry.patch, overlays, extra,
                      mode=config.geometry.mode, calibration=calibration, threshold=decided,
                      load_image=_image_loader(samples, config))
@@ -140,15 +141,19 @@ def evaluate(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], con
     return summaries
 
 
-def report_name(split: str, scorer: str, options: dict[str, Any], images: int | None = None) -> str:
+def report_name(split: str, scorer: str, options: dict[str, Any], images: int | None = None,
+                threshold: str | None = None) -> str:
     """A report folder's name: <split>-<scorer>, then each scorer option that differs from its default
-    (registry.SCORER_OPTIONS) as <flag><value>, then -n<N> for an --images N subset, so that no evaluation
-    replaces another's report (e.g. test-aligned, test-aligned-radius1, test-global-k3-coreset0.1-n25).
+    (registry.SCORER_OPTIONS) as <flag><value>, a --threshold rule other than the default, then -n<N> for an
+    --images N subset, so that no evaluation replaces another's report (e.g. test-aligned,
+    test-aligned-radius1, test-aligned-threshold-f1, test-global-k3-coreset0.1-n25).
     swssl-compare lines reports up by this name less the -n<N> part."""
     parts = [split, scorer]
     for key, value in options.items():
         if value is not None and value != SCORER_OPTIONS[key].default:
             parts.append(f"{SCORER_OPTIONS[key].flag.lstrip('-')}{value:g}")
+    if threshold not in (None, DEFAULT_THRESHOLD):
+        parts.append(f"threshold-{safe_name(threshold)}")
     return "-".join(parts) + (f"-n{images}" if images else "")
 
 
