@@ -1,6 +1,7 @@
 """One device parser for every command: `--device auto|cpu|cuda|cuda:N`, refused in one line when unusable."""
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 
@@ -41,7 +42,7 @@ def import_cpp_extension(device: torch.device) -> None:
     if device.type == "cpu":
         logger.addFilter(_not_the_cuda_notice)
     try:
-        import torch.utils.cpp_extension  # noqa: F401
+        importlib.import_module("torch.utils.cpp_extension")
     finally:
         logger.removeFilter(_not_the_cuda_notice)
 
