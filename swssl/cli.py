@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,12 @@ def train(preset: str, config_file: Path | None, data: Path, out_dir: Path, epoc
     """Train a SWSSL patch encoder on the normal images of the train split.
 
     A new run needs an empty OUT: --resume continues the run there, --overwrite replaces it.
+    On several GPUs or machines, run it under torchrun (README "Scaling out"), e.g.
+    torchrun --standalone --nproc_per_node 8 $(command -v swssl-train) --preset dbt --data DIR --out RUN
     Example: swssl-train --preset demo --data data/demo --out runs/demo
     """
     from swssl.config import build_config
+    from swssl.training.distributed import launched_by_torchrun
     from swssl.training.train import train as run_training
 
     config = build_config(preset, config_file, **{"train.batch_size": batch_size, "train.lr": lr,
@@ -114,7 +118,8 @@ def train(preset: str, config_file: Path | None, data: Path, out_dir: Path, epoc
     if resume and overwrite:
         raise click.UsageError("--resume continues the run in OUT, --overwrite replaces it: choose one")
     checkpoint = run_training(config, data, out_dir, device=device, resume=resume, epochs=epochs, overwrite=overwrite)
-    click.echo(f"checkpoint: {checkpoint}")
+    if not launched_by_torchrun() or os.environ.get("RANK") == "0":
+        click.echo(f"checkpoint: {checkpoint}")
 
 
 def _stages(value: str | None) -> tuple[int, ...] | None:

@@ -98,6 +98,9 @@ class Train:
     # or "rescaled" ((1 + cos) / 2, the named remedy).
     similarity: str = "sigmoid"
     workers: int = 4
+    # Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; swssl.training.distributed says
+    # why it is off by default). One process: no effect.
+    sync_bn: bool = False
     val_every: int = 10  # epochs between checkpoints and validations
     val_scorer: str = "aligned"  # the scorer whose val AUROC selects the checkpoint
     val_bank_images: int = 0  # training images in the validation bank (0: all; fewer is faster)

@@ -8,7 +8,7 @@ from swssl.model.checkpoint import load_checkpoint, load_encoder, weights_digest
 from swssl.config import load_preset
 from swssl.model.encoder import build_encoder
 from swssl.training.triplets import WindowTriplets
-from swssl.training.train import train, train_step
+from swssl.training.train import Views, train, train_step
 
 SMALL = {"geometry": {"height": 256, "width": 192, "patch": 64, "step": 16},
          "train": {"batch_size": 8, "windows_per_image": 4, "workers": 0, "val_every": 1}}
@@ -45,7 +45,7 @@ def test_steps_lower_the_loss_on_a_fixed_batch():
     batch = [torch.stack(items) for items in zip(*(dataset[i] for i in range(16)))]
     encoder = build_encoder(config)
     optimizer = torch.optim.SGD(encoder.parameters(), lr=1e-3, momentum=0.9)
-    losses = [train_step(encoder, optimizer, batch, config.train, torch.device("cpu")).total.item()
+    losses = [train_step(Views(encoder), optimizer, batch, config.train, torch.device("cpu")).total.item()
               for _ in range(8)]
     assert losses[-1] < 0.5 * losses[0], losses
 

@@ -3,6 +3,9 @@
 Plain PyTorch. One step draws B window triplets (two views and a neighbour), runs the three
 batches through the encoder separately (as the official code does, so BatchNorm sees each view's
 own statistics), and applies the SWSSL loss to the projector outputs.
+
+Under torchrun the same loop runs on every process (swssl.training.distributed: DDP, the loss over
+the global batch); rank 0 alone writes and validates, the others wait for it.
 """
 from __future__ import annotations
 
@@ -15,18 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from swssl.scoring.bank import MemoryBank, bank_file
 from swssl.model.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_encoder, save_checkpoint, weights_digest
 from swssl.config import Config
-from swssl.device import parse_device
 from swssl.errors import ConfigError, DatasetError, SwsslError
 from swssl.files import LOCK, FolderLock, atomic_write
 from swssl.data.datasets import Sample, discover, load_resized, select
 from swssl.scoring.metrics import format_interval
 from swssl.scoring.evaluate import build_calibrated_bank, validation_auroc
+from swssl.training.distributed import Ranks, gather, join, leave, per_rank_batch, wrap
 from swssl.training.loss import LossTerms, swssl_loss
 from swssl.model.encoder import build_encoder
 from swssl.training.triplets import WindowTriplets
@@ -61,11 +64,24 @@ class LazyImage:
             raise DatasetError(f"{exc}") from None
 
 
-def training_images(samples: list[Sample], config: Config) -> list:
+def training_images(samples: list[Sample], config: Config, progress: bool = True) -> list:
     g = config.geometry
     if len(samples) * g.height * g.width * 2 > CACHE_LIMIT_BYTES:
         return [LazyImage(s, config) for s in samples]
-    return [CachedImage(LazyImage(s, config)()) for s in tqdm(samples, desc="loading images", unit="img")]
+    return [CachedImage(LazyImage(s, config)())
+            for s in tqdm(samples, desc="loading images", unit="img", disable=not progress)]
+
+
+class Views(torch.nn.Module):
+    """The encoder and projector over the three views of a step, each view its own batch (so BatchNorm
+    sees each view's statistics): one forward per step, as DDP wants."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, *views: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.encoder.project(self.encoder(x)) for x in views)
 
 
 def train(config: Config, data: str | Path, out: str | Path, device: str = "auto", resume: bool = False,
@@ -78,11 +94,19 @@ def train(config: Config, data: str | Path, out: str | Path, device: str = "auto
     With `resume`, continues from out/checkpoint.pt with the configuration saved in it
     (`epochs` may extend the budget); a finished run resumed is left as it is. A folder that already
     holds a run is refused unless `resume` or `overwrite`; one process at a time holds the folder.
+    Under torchrun every rank trains (swssl.training.distributed); rank 0 holds the folder.
     """
-    out, dev = Path(out), parse_device(device)
-    with FolderLock(out, "swssl-train"):
-        _prepare_run_folder(out, resume, overwrite)
-        return _train(config, data, out, dev, resume, epochs, build_final_bank)
+    out = Path(out)
+    ranks, dev = join(device)
+    try:
+        if not ranks.main:
+            ranks.on_main(lambda: None)  # rank 0 prepares the folder
+            return _train(config, data, out, dev, resume, epochs, build_final_bank, ranks)
+        with FolderLock(out, "swssl-train"):
+            ranks.on_main(lambda: _prepare_run_folder(out, resume, overwrite))
+            return _train(config, data, out, dev, resume, epochs, build_final_bank, ranks)
+    finally:
+        leave()
 
 
 def _prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
@@ -104,7 +128,7 @@ def _prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _train(config: Config, data: str | Path, out: Path, dev: torch.device, resume: bool, epochs: int | None,
-           build_final_bank: bool) -> Path:
+           build_final_bank: bool, ranks: Ranks = Ranks()) -> Path:
     start_epoch, history, state = 0, [], None
     if resume:
         state = load_checkpoint(out / CHECKPOINT)
@@ -113,15 +137,16 @@ def _train(config: Config, data: str | Path, out: Path, dev: torch.device, resum
         config = config.override({"train": {"epochs": epochs}})
     tc = config.train
     if resume and start_epoch >= tc.epochs:
-        if build_final_bank and _complete(out, start_epoch):
+        if build_final_bank and _complete(out, start_epoch, say=ranks.main):
             return _selected(out)
-        tqdm.write(f"{out}: training already complete ({start_epoch} of {tc.epochs} epochs); nothing to train "
-                   "(--epochs N extends it)")
+        if ranks.main:
+                tqdm.write(f"{out}: training already complete ({start_epoch} of {tc.epochs} epochs); nothing to train "
+                       "(--epochs N extends it)")
 
     everything = discover(data)
     samples = select(everything, "train", label=0)
     validation = _validation_split(everything)
-    dataset = WindowTriplets(training_images(samples, config), [str(s.path) for s in samples], config)
+    dataset = WindowTriplets(training_images(samples, config, ranks.main), [str(s.path) for s in samples], config)
 
     torch.manual_seed(tc.seed)
     encoder = build_encoder(config, weights="none" if resume else None).to(dev)
@@ -132,49 +157,64 @@ def _train(config: Config, data: str | Path, out: Path, dev: torch.device, resum
     if dev.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    forward = wrap(Views(encoder), ranks, dev, tc.sync_bn)
 
     text = json.dumps(config.to_dict(), indent=2)
-    atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))
+    if ranks.main:
+        atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))
     generator = torch.Generator()  # re-seeded every epoch; workers start anew each epoch from it
-    loader = DataLoader(dataset, batch_size=min(tc.batch_size, len(dataset)), shuffle=True, generator=generator,
-                        num_workers=tc.workers, drop_last=False,
-                        pin_memory=dev.type == "cuda")
-    if tc.epochs == 0 and not (out / CHECKPOINT).exists():
+    # Under torchrun each rank takes its share of the images' windows and of the global batch.
+    sampler = DistributedSampler(dataset, ranks.world, ranks.rank, seed=tc.seed) if ranks.world > 1 else None
+    loader = DataLoader(dataset, batch_size=min(per_rank_batch(tc.batch_size, ranks), len(sampler or dataset)),
+                        shuffle=sampler is None, sampler=sampler, generator=generator, num_workers=tc.workers,
+                        drop_last=False, pin_memory=dev.type == "cuda")
+    if tc.epochs == 0 and not (out / CHECKPOINT).exists() and ranks.main:
         tqdm.write("--epochs 0: no training; the run's encoder is its initialisation")
         save_checkpoint(out / CHECKPOINT, encoder, optimizer, 0, config, history)
     total_steps = (tc.epochs - start_epoch) * len(loader)
-    bar = tqdm(total=total_steps, desc="training", unit="step")
+    bar = tqdm(total=total_steps, desc="training", unit="step", disable=not ranks.main)
     try:
         for epoch in range(start_epoch, tc.epochs):
-            generator.manual_seed(tc.seed * 1_000_003 + epoch)  # resumed runs draw what a straight run draws
-            torch.manual_seed(tc.seed * 1_000_003 + epoch)
+            # Seeded by epoch (and rank): resumed runs draw what a straight run draws; one process as before.
+            seed = (tc.seed * 1_000_003 + epoch) * ranks.world + ranks.rank
+            generator.manual_seed(seed)
+            torch.manual_seed(seed)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             started, sums, steps = time.perf_counter(), np.zeros(4), 0
             encoder.train()
             for batch in loader:
                 bar.update()
-                if len(batch[-1]) < 2:  # the loss standardises over the batch
+                if len(batch[-1]) < 2:  # the loss standardises over the batch (equal on every rank)
                     continue
-                loss = train_step(encoder, optimizer, batch, tc, dev, autocast)
+                loss = train_step(forward, optimizer, batch, tc, dev, autocast, ranks)
                 sums += [t.item() for t in (loss.total, loss.twin, loss.pair, loss.neighbour)]
                 steps += 1
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.total.item():.3f}")
             row = dict(zip(("loss", "twin", "pair", "neighbour"), (sums / max(steps, 1)).tolist()))
             history.append({"epoch": epoch + 1, **row, "seconds": time.perf_counter() - started})
             if (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs:
-                if validation:
-                    history[-1]["val_auroc"] = _validate(encoder, samples, validation, config, dev, history, out)
-                save_checkpoint(out / CHECKPOINT, encoder, optimizer, epoch + 1, config, history)
-                _plot_log(out / LOG_PLOT, history)
-            _append_log(out / LOG, history[-1])
+                ranks.on_main(lambda: _checkpoint(encoder, optimizer, samples, validation, config, dev, history, out))
+            if ranks.main:
+                _append_log(out / LOG, history[-1])
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(out / CHECKPOINT, encoder, optimizer, len(history), config, history)
+        if ranks.main:
+            save_checkpoint(out / CHECKPOINT, encoder, optimizer, len(history), config, history)
         raise
     bar.close()
     selected = _selected(out)
-    if build_final_bank:
+    if build_final_bank and ranks.main:
         _build_run_bank(selected, everything, dev, out)
     return selected
+
+
+def _checkpoint(encoder, optimizer, samples, validation, config: Config, device, history, out: Path) -> None:
+    """Validation (when there is a val split), the checkpoint and the training plot, at a val_every epoch."""
+    if validation:
+        history[-1]["val_auroc"] = _validate(encoder, samples, validation, config, device, history, out)
+    save_checkpoint(out / CHECKPOINT, encoder, optimizer, history[-1]["epoch"], config, history)
+    _plot_log(out / LOG_PLOT, history)
 
 
 def _validation_split(samples: list[Sample]) -> list[Sample]:
@@ -216,15 +256,16 @@ def _selected(out: Path) -> Path:
     return out / BEST if (out / BEST).exists() else out / CHECKPOINT
 
 
-def _complete(out: Path, epochs: int) -> bool:
+def _complete(out: Path, epochs: int, say: bool = True) -> bool:
     """Whether a finished run's memory bank fits its selected checkpoint; then says there is nothing to do (a
     resumed `make demo` returns at once instead of loading the images and rebuilding the bank)."""
     encoder, config = load_encoder(_selected(out))
     bank = bank_file(out, config.geometry.mode)
     if not _bank_fits(bank, config, weights_digest(encoder)):
         return False
-    tqdm.write(f"nothing to do: {out} is complete ({epochs} epochs); its memory bank {bank.name} fits the selected "
-               f"{_selected(out).name} (--epochs N extends the training, --overwrite replaces it)")
+    if say:
+        tqdm.write(f"nothing to do: {out} is complete ({epochs} epochs); its memory bank {bank.name} fits the selected "
+                   f"{_selected(out).name} (--epochs N extends the training, --overwrite replaces it)")
     return True
 
 
@@ -259,16 +300,18 @@ def _plot_log(path: Path, history: list[dict]) -> None:
     _save_figure(figure, path)
 
 
-def train_step(encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, tc, device: torch.device,
-               autocast=nullcontext()) -> LossTerms:
-    """One SGD step on a batch (view1, view2, neighbour, target); returns the loss terms."""
+def train_step(forward: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, tc, device: torch.device,
+               autocast=nullcontext(), ranks: Ranks = Ranks()) -> LossTerms:
+    """One SGD step on a batch (view1, view2, neighbour, target) through `forward` (Views, DDP-wrapped under
+    torchrun); the loss is that of the global batch (the projections of every rank gathered)."""
     *views, target = batch
     with autocast:
-        z1, z2, zn = (encoder.project(encoder(x.to(device, non_blocking=True))) for x in views)
-    loss = swssl_loss(z1, z2, zn, target.to(device), tc.offdiag_weight, tc.similarity)
+        projections = forward(*(x.to(device, non_blocking=True) for x in views))
+    z1, z2, zn = (gather(z, ranks) for z in projections)
+    loss = swssl_loss(z1, z2, zn, gather(target.to(device), ranks), tc.offdiag_weight, tc.similarity)
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
-    torch.nn.utils.clip_grad_value_(encoder.parameters(), tc.grad_clip)
+    torch.nn.utils.clip_grad_value_(forward.parameters(), tc.grad_clip)
     optimizer.step()
     return loss
 
