@@ -357,11 +357,20 @@ def _without_none(table: dict[str, Any]) -> dict[str, Any]:
                    "repeat for more), e.g. --exclude '*_mask.png' --exclude 'masks/*'. Masks named in the "
                    "nearest manifest.csv at or above a folder are always skipped.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Score the files on a pool of Ray workers (pip install 'swssl[ray]'); this process writes the results.")
+@click.option("--ray-address", metavar="ADDR",
+              help="With --ray: an existing cluster (auto, or ray://HOST:10001); default: a local instance.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="With --ray: workers (default: the cluster's GPUs, else its CPUs).")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0),
+              help="With --ray: GPUs each worker reserves (default: 1 where the cluster has GPUs, else 0).")
 @friendly_errors
 def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device: str, batch_size: int,
           precision: str | None, scorer: str | None, scorer_values: dict[str, Any], threshold: str | None,
           scale: float | None, mode: str | None, heatmaps: bool, dicom: bool, max_pixels: int, resume: bool,
-          exclude: tuple[str, ...], quiet: bool) -> None:
+          exclude: tuple[str, ...], quiet: bool, use_ray: bool, ray_address: str | None, workers: int | None,
+          gpus_per_worker: float | None) -> None:
     """Score SLIDES (files, folders searched recursively, or globs) against a run's memory bank.
 
     Every frame of a multi-frame file (a DBT volume) is a slide; the volume's score is the max over
@@ -379,11 +388,24 @@ def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device
 
     if scale is not None:
         scale_factor(scale)  # refuse a bad factor or device before loading anything
+    if not use_ray and (ray_address or workers or gpus_per_worker is not None):
+        raise click.UsageError("--ray-address, --workers and --gpus-per-worker go with --ray")
+    if use_ray:
+        from swssl.inference.ray_run import import_ray
+
+        import_ray()  # fail fast, before the run is loaded
     loaded = open_run(model, kind, parse_device(device), precision, mode)
     options = scorer_options(list(SCORER_NAMES), **scorer_values)
     settings = choose_settings(loaded.config, scorer, options, scale, batch_size, heatmaps, max_pixels=max_pixels,
                                threshold=threshold, dicom=dicom)
-    summary = run_inference(slides, loaded, out_dir, settings, resume=resume, progress=not quiet, exclude=exclude)
+    if use_ray:
+        from swssl.inference.ray_run import run_ray
+
+        summary = run_ray(slides, loaded, out_dir, settings, backend=kind, device=device, precision=precision,
+                          mode=mode, resume=resume, progress=not quiet, exclude=exclude, address=ray_address,
+                          workers=workers, gpus_per_worker=gpus_per_worker)
+    else:
+        summary = run_inference(slides, loaded, out_dir, settings, resume=resume, progress=not quiet, exclude=exclude)
     click.echo(format_summary(summary))
     if summary.exit_status:
         sys.exit(summary.exit_status)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from swssl.inference.backends import Backend, open_backend
-from swssl.scoring.bank import MemoryBank
+from swssl.scoring.bank import MemoryBank, bank_file, check_compatible
 from swssl.config import Config
 from swssl.errors import ConfigError, SwsslError
 
@@ -29,11 +29,12 @@ class OpenRun:
 
 
 def open_run(model: str | Path, backend: str = "auto", device: str | torch.device = "auto",
-             precision: str | None = None, mode: str | None = None) -> OpenRun:
+             precision: str | None = None, mode: str | None = None, bank: MemoryBank | None = None) -> OpenRun:
     """Backend, configuration and memory bank of a run directory or artifact, checked against each other.
 
     `mode` (exact | dense) overrides the run's geometry mode: the backend, artifact and bank are
-    then those of that mode."""
+    then those of that mode. `bank`: one already loaded (and checksummed) from this run, e.g. shipped to a
+    Ray worker, checked against the backend instead of read again."""
     model = Path(model)
     if not model.exists():
         raise ConfigError(f"{model}: no such run directory or artifact")
@@ -42,5 +43,8 @@ def open_run(model: str | Path, backend: str = "auto", device: str | torch.devic
         raise SwsslError(f"{model}: the run this artifact was exported from is not found (it is not inside "
                          "RUN_DIR/export/, and the run its manifest records holds no checkpoint); the memory "
                          "bank is in the run: pass --model RUN_DIR, or the artifact inside it")
-    bank = MemoryBank.load(opened.run_dir, config=opened.config, encoder_digest=opened.digest)
+    if bank is None:
+        bank = MemoryBank.load(opened.run_dir, config=opened.config, encoder_digest=opened.digest)
+    else:
+        check_compatible(bank, opened.config, opened.digest, bank_file(opened.run_dir, opened.config.geometry.mode))
     return OpenRun(opened.backend, opened.config, bank, opened.digest, opened.run_dir, model)

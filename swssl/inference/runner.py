@@ -175,6 +175,13 @@ class RunSummary:
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (path, frame, message)
     unwritten: list[tuple[str, str]] = field(default_factory=list)  # (output file, why): heatmaps, gallery
 
+    def merge(self, other: RunSummary) -> None:
+        """Add another summary's counts and lists (a worker's, for one file) to this one's."""
+        for name in ("scored", "empty", "resumed", "windows", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.failures += other.failures
+        self.unwritten += other.unwritten
+
     @property
     def windows_per_second(self) -> float:
         return self.windows / self.seconds if self.seconds > 0 else 0.0
@@ -209,11 +216,61 @@ def run_inference(slides: Sequence[str | Path], model: OpenRun, out_dir: str | P
     """Score every slide; see the module docstring for what is written where and when. `exclude`: globs of
     files that folders and globs do not contribute (slides.find_slides)."""
     out_dir = Path(out_dir)
+    files, problems = slides_to_score(slides, out_dir, exclude)
+    scorer = build_scorer(settings.scorer_name, model.bank, model.backend.device, **settings.scorer_options)
+    decision, header = run_header(model, settings, resume)
+    summary, say = RunSummary(out_dir), sayer(echo)
+    common = common_fields(header, settings)
+    with FolderLock(out_dir, "swssl-infer"), open_results(out_dir, header, resume, summary, say) as log:
+        record_error = error_recorder(log, common, summary, say)
+        for argument, message in problems:
+            record_error(argument, None, message)
+        bar = tqdm(files, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
+        for path in bar:
+            score_path(path, model, scorer, settings, log, summary, bar, common, record_error, decision, say)
+        bar.close()
+    return summary
+
+
+def slides_to_score(slides: Sequence[str | Path], out_dir: Path,
+                    exclude: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """find_slides, refusing a command line that names nothing."""
     files, problems = find_slides(slides, out_dir=out_dir, exclude=exclude)
     if not files and not problems:
         raise ConfigError("no slides given")
+    return files, problems
+
+
+def sayer(echo: Callable[[str], None] | None) -> Callable[[str], None]:
+    """say(text): a line for the terminal (escaped), above the progress bars unless `echo` is given."""
+    print_line = echo or (lambda text: tqdm.write(text, file=sys.stderr))
+    return lambda text: print_line(for_terminal(text))
+
+
+@contextlib.contextmanager
+def open_results(out_dir: Path, header: dict[str, Any], resume: bool, summary: RunSummary,
+                 say: Callable[[str], None]) -> Iterator[ResultLog]:
+    """The result log (the caller holds the lock), after saying the backend and threshold; at the end, also
+    after an error or Ctrl-C, the csv and gallery (finish_outputs), unless the results cannot be written."""
+    log = ResultLog(out_dir, header, resume)
+    if header["backend_reason"]:
+        say(f"backend: {header['backend_reason']}")
+    say(f"threshold: {header['calibration']}")
+    writable = True
+    try:
+        yield log
+    except OutputError:  # the results cannot be written: stop, and say so once
+        writable = False
+        raise
+    finally:
+        log.close()
+        if writable:
+            finish_outputs(log, out_dir, header, summary, say)
+
+
+def run_header(model: OpenRun, settings: Settings, resume: bool) -> tuple[Decision, dict[str, Any]]:
+    """The threshold decision of the run's bank and the "run" record that starts each invocation's results."""
     backend = model.backend
-    scorer = build_scorer(settings.scorer_name, model.bank, backend.device, **settings.scorer_options)
     calibration = model.bank.calibration(settings.scorer_name, settings.scorer_options)
     decision = Decision(calibration, resolve_threshold(settings.threshold, calibration), model.bank.domain)
     header = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": str(model.source),
@@ -224,57 +281,46 @@ def run_inference(slides: Sequence[str | Path], model: OpenRun, out_dir: str | P
               "mode": model.config.geometry.mode, "scale": settings.scale, "batch_size": settings.batch_size, "resumed": bool(resume),
               "threshold": None if decision.threshold is None else decision.threshold.to_dict(),
               "calibration": decision.describe(), "config": model.config.to_dict()}
-    summary = RunSummary(out_dir)
-    print_line = echo or (lambda text: tqdm.write(text, file=sys.stderr))
-
-    def say(text: str) -> None:
-        print_line(for_terminal(text))
-
-    common = {"backend": header["backend"], "device": header["device"], "scorer": settings.scorer_name,
-              "geometry": settings.geometry, "mode": header["mode"], "scale": settings.scale}
-    with FolderLock(out_dir, "swssl-infer"):
-        log = ResultLog(out_dir, header, resume)
-
-        def record_error(path: str, frame: Any, message: str, **extra: Any) -> None:
-            log.write({"path": path, "frame": frame, "score": None, "status": "error", "message": message,
-                       **common, **extra})
-            shown = frame not in (None, "", VOLUME) and extra.get("frames", 1) > 1
-            say(f"error: {path}{f' frame {frame}' if shown else ''}: {message}")
-            summary.failures.append((path, str(frame) if shown else "", message))
-
-        if header["backend_reason"]:
-            say(f"backend: {header['backend_reason']}")
-        say(f"threshold: {header['calibration']}")
-        writable = True
-        try:
-            for argument, message in problems:
-                record_error(argument, None, message)
-            bar = tqdm(files, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
-            for path in bar:
-                key = str(path)
-                try:
-                    reader = readers.open_image(path, model.config.preprocess.intensity, max_pixels=settings.max_pixels)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as exc:
-                    record_error(key, None, _error_message(exc))
-                    continue
-                with reader:
-                    _score_file(key, reader, model, scorer, settings, log, summary, bar, common, record_error,
-                                decision, say)
-            bar.close()
-        except OutputError:  # the results cannot be written: stop, and say so once
-            writable = False
-            raise
-        finally:
-            log.close()
-            if writable:
-                _finish_outputs(log, out_dir, header, summary, say)
-    return summary
+    return decision, header
 
 
-def _finish_outputs(log: ResultLog, out_dir: Path, header: dict[str, Any], summary: RunSummary,
-                    say: Callable[[str], None]) -> None:
+def common_fields(header: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """What every row repeats of how it was scored (from the header of the process that scored it)."""
+    return {"backend": header["backend"], "device": header["device"], "scorer": settings.scorer_name,
+            "geometry": settings.geometry, "mode": header["mode"], "scale": settings.scale}
+
+
+def error_recorder(log: ResultLog, common: dict[str, Any], summary: RunSummary,
+                   say: Callable[[str], None]) -> Callable[..., None]:
+    """record_error(path, frame, message, **extra): an error row written, said and listed in the summary."""
+    def record_error(path: str, frame: Any, message: str, **extra: Any) -> None:
+        log.write({"path": path, "frame": frame, "score": None, "status": "error", "message": message,
+                   **common, **extra})
+        shown = frame not in (None, "", VOLUME) and extra.get("frames", 1) > 1
+        say(f"error: {path}{f' frame {frame}' if shown else ''}: {message}")
+        summary.failures.append((path, str(frame) if shown else "", message))
+
+    return record_error
+
+
+def score_path(path: Path, model: OpenRun, scorer: Scorer, settings: Settings, log: ResultLog, summary: RunSummary,
+               bar: Any, common: dict[str, Any], record_error: Callable[..., None], decision: Decision,
+               say: Callable[[str], None]) -> None:
+    """Open one file and score its frames not in `log.finished`; a file that cannot be opened is an error row."""
+    key = str(path)
+    try:
+        reader = readers.open_image(path, model.config.preprocess.intensity, max_pixels=settings.max_pixels)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        record_error(key, None, _error_message(exc))
+        return
+    with reader:
+        _score_file(key, reader, model, scorer, settings, log, summary, bar, common, record_error, decision, say)
+
+
+def finish_outputs(log: ResultLog, out_dir: Path, header: dict[str, Any], summary: RunSummary,
+                   say: Callable[[str], None]) -> None:
     """The csv with one row per result, and the gallery; what cannot be written is said and listed."""
     for path, write in ((out_dir / SCORES_CSV, log.rewrite_csv),
                         (out_dir / "index.html", lambda: write_gallery(out_dir, read_results(out_dir), header))):
