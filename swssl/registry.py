@@ -83,11 +83,13 @@ SCORER_OPTIONS = {
     "coreset_ratio": ScorerOption("--coreset", None, float, "keep this share of bank windows (k-center greedy), "
                                                             "e.g. 0.1."),
     "top": ScorerOption("--top-k", 1, int, "image (slide) score = mean of the K highest window scores."),
+    "index": ScorerOption("--index", None, str, "search the bank with a FAISS index (flat: exact, hnsw: "
+                                                "approximate; needs faiss-cpu); default: brute force."),
 }
 SCORERS = (
     ScorerKind("aligned", "swssl.scoring.scorers:AlignedScorer", ("radius", "top"),
                "each window against the bank's windows at its grid position (the paper's; the run's geometry)"),
-    ScorerKind("global", "swssl.scoring.scorers:GlobalScorer", ("k", "top", "coreset_ratio"),
+    ScorerKind("global", "swssl.scoring.scorers:GlobalScorer", ("k", "top", "coreset_ratio", "index"),
                "each window against its k nearest bank windows anywhere (any image size)"),
     ScorerKind("reference", "swssl.scoring.scorers:ReferenceScorer", (),
                "the official evaluate.py score (no window map; the run's geometry)"),

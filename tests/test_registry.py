@@ -27,8 +27,9 @@ def test_every_scorer_takes_its_declared_options(kind):
     accepted = inspect.signature(implementation).parameters
     assert set(kind.options) <= set(accepted) and set(kind.options) <= set(registry.SCORER_OPTIONS)
     assert implementation.needs in ("windows", "grid")
-    assert scorer_options([kind.name], radius=2, k=3, coreset_ratio=None, top=4) == {
-        kind.name: {key: {"radius": 2, "k": 3, "coreset_ratio": None, "top": 4}[key] for key in kind.options}}
+    assert scorer_options([kind.name], radius=2, k=3, coreset_ratio=None, top=4, index=None) == {
+        kind.name: {key: {"radius": 2, "k": 3, "coreset_ratio": None, "top": 4, "index": None}[key]
+                    for key in kind.options}}
 
 
 def test_an_unknown_scorer_is_refused_naming_the_choices():

@@ -27,6 +27,7 @@ from typing import ClassVar, Literal, Protocol
 import torch
 
 from swssl.scoring.bank import MemoryBank
+from swssl.scoring.bank_index import BankIndex
 from swssl.errors import ConfigError
 from swssl.registry import SCORERS, load
 from swssl.windows.tiling import Chunk, ImageScore
@@ -169,13 +170,17 @@ class AlignedScorer(_Scorer):
 
 
 class GlobalScorer(_Scorer):
-    """k nearest bank windows anywhere. Memory: (windows of the image) x (chunk + k) x 4 + chunk x D x 4 bytes."""
+    """k nearest bank windows anywhere. Memory: (windows of the image) x (chunk + k) x 4 + chunk x D x 4 bytes.
+
+    `index` ("flat" | "hnsw", swssl.scoring.bank_index): search a FAISS index of the (coreset) rows instead of
+    scanning them, for banks too large to scan; None: the brute force.
+    """
 
     needs: ClassVar[Needs] = "windows"
     grid = None
 
     def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", k: int = 1, top: int = 1,
-                 coreset_ratio: float | None = None, chunk: int = 8192, seed: int = 0):
+                 coreset_ratio: float | None = None, chunk: int = 8192, seed: int = 0, index: str | None = None):
         self.device, self.k, self.top, self.chunk = torch.device(device), k, top, chunk
         flat = bank.embeddings[bank.foreground]  # foreground windows only: empty air is not a reference
         if flat.shape[0] == 0:
@@ -183,10 +188,12 @@ class GlobalScorer(_Scorer):
         if coreset_ratio is not None:
             flat = flat[k_center_greedy(flat, max(k, math.ceil(coreset_ratio * len(flat))), seed=seed,
                                         device=self.device)]
-        self.bank = flat.to(self.device)
-        self.norms = torch.cat([self.bank[i:i + chunk].float().pow(2).sum(-1) for i in range(0, len(flat), chunk)])
-        if self.k > len(self.bank):
-            raise ConfigError(f"k={self.k} exceeds the {len(self.bank)} windows of the bank")
+        if self.k > len(flat):
+            raise ConfigError(f"k={self.k} exceeds the {len(flat)} windows of the bank")
+        self.index = None if index is None else BankIndex(flat, index)
+        if self.index is None:
+            self.bank = flat.to(self.device)
+            self.norms = torch.cat([self.bank[i:i + chunk].float().pow(2).sum(-1) for i in range(0, len(flat), chunk)])
 
     @torch.inference_mode()
     def score_windows(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -198,6 +205,8 @@ class GlobalScorer(_Scorer):
         queries = embeddings.to(self.device, torch.float32)
         if len(queries) == 0:
             return torch.zeros(0, device=self.device)
+        if self.index is not None:
+            return self.index.search(queries, self.k).mean(-1)
         return knn_distances(queries, self.bank, self.norms, self.k, self.chunk).mean(-1)
 
 
