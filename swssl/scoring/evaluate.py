@@ -166,8 +166,9 @@ def _decide(results: list[ImageResult], calibration: Calibration | None, rule: s
         return None, {"threshold": None, "threshold_rule": None,
                       "calibration": "none for this scorer and options (swssl-bank with the same options adds one)"}
     decided = resolve_threshold(rule, calibration)
+    decision = Decision(calibration, decided)
     for result in results:
-        judged = Decision(calibration, decided).judge(result.score)
+        judged = decision.judge(result.score)
         result.percentile, result.anomalous = judged["percentile"], judged["anomalous"]
     flagged = [r.label for r in results if r.anomalous]
     normal, abnormal = sum(r.label == 0 for r in results), sum(r.label == 1 for r in results)
