@@ -205,6 +205,10 @@ def bank(run_dir: Path, data: Path, fp32: bool, scorer_values: dict[str, Any], m
                                    scorer_options(list(SCORER_NAMES), **scorer_values))
     path = bank_file(run_dir, config.geometry.mode)
     memory.save(path)
+    from swssl.scoring.scorers import save_global_index
+    index_path = save_global_index(memory, scorer_options(["global"], **scorer_values)["global"])
+    if index_path is not None:
+        click.echo(f"bank index: {index_path}")
     n, r, c, d = memory.embeddings.shape
     calibrated = next(iter(memory.calibrations.values()), None)
     click.echo(f"bank: {path} ({config.geometry.mode} mode, {n} images x {r} x {c} windows x {d} features, "

@@ -83,8 +83,9 @@ SCORER_OPTIONS = {
     "coreset_ratio": ScorerOption("--coreset", None, float, "keep this share of bank windows (k-center greedy), "
                                                             "e.g. 0.1."),
     "top": ScorerOption("--top-k", 1, int, "image (slide) score = mean of the K highest window scores."),
-    "index": ScorerOption("--index", None, str, "search the bank with a FAISS index (flat: exact, hnsw: "
-                                                "approximate; needs faiss-cpu); default: brute force."),
+    "index": ScorerOption("--index", None, str, "search the bank with a FAISS index (flat: exact, ivf: "
+                                                "approximate; needs faiss-cpu; swssl-bank saves it beside the "
+                                                "bank); default: brute force below 100k rows, ivf from there."),
 }
 SCORERS = (
     ScorerKind("aligned", "swssl.scoring.scorers:AlignedScorer", ("radius", "top"),

@@ -109,6 +109,37 @@ def test_aoti_cpu_package_matches_torch(tiny):
             metrics = verify.compare(backend(x), encoder(x))
         assert metrics["max_rel_error"] < 1e-4 and metrics["min_cosine"] > 0.99999, (n, metrics)
 
+def test_int8_onnx_is_quantized_runs_integer_kernels_and_is_verified(tiny, tmp_path):
+    import numpy as np
+
+    from swssl.inference.backends import OnnxRuntimeBackend, load_backend
+
+    run, data = tiny
+    result = CliRunner().invoke(cli.export, [str(run), "--onnx", "--precision", "int8", "--batch", BATCH,
+                                             "--data", str(data), "--out", str(tmp_path), "--calibration-windows", "64"])
+    assert result.exit_code == 0, result.output
+    assert "onnx int8:" in result.output and "verified" in result.output
+    manifest = read_manifest(tmp_path / "onnx-int8")
+    assert manifest["kind"] == "onnx" and manifest["precision"] == "int8" and manifest["device"] == "cpu"
+    assert manifest["verification"]["passed"] and manifest["verification"]["tolerance"]["min_cosine"] == 0.98
+    assert manifest["export"]["from_sha256"] == read_manifest(tmp_path / "onnx")["artifact_sha256"]
+    quantization = manifest["quantization"]
+    assert quantization["format"] == "QDQ" and quantization["samples"] == 64
+    assert quantization["kernels"]["integer_share"] > 0.5  # QLinearConv, not Conv after DequantizeLinear
+    assert "QLinearConv" in quantization["kernels"]["ms_per_op"]
+    assert "--precision int8" in manifest["command"]
+    int8 = tmp_path / "onnx-int8" / "model.onnx"
+    assert (tmp_path / "onnx-int8" / "model.onnx").stat().st_size < 0.5 * (tmp_path / "onnx" / "model.onnx").stat().st_size
+    backend, _ = load_backend(int8)
+    assert isinstance(backend, OnnxRuntimeBackend) and backend.precision == "int8"
+    encoder, _ = load_encoder(run)
+    x = windows(9, 32, seed=3) * 0.5 + 0.25
+    with torch.inference_mode():
+        metrics = verify.compare(backend(x), encoder(x))
+    assert 0.9 < metrics["min_cosine"] < 0.999999  # close, and not the float32 graph under another name
+    assert np.isfinite(metrics["max_abs_error"])
+
+
 
 def test_a_verification_failure_exits_1_with_the_numbers_and_is_refused(tiny, tmp_path, monkeypatch):
     from swssl.inference.backends import load_backend

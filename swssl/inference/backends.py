@@ -411,7 +411,7 @@ def _from_run(run: Path, kind: str, device: torch.device, precision: str | None,
     torch_precision = precision if precision in DTYPES else "fp32"
     if kind in TORCH_BACKENDS:
         if precision is not None and precision not in DTYPES:
-            raise BackendError(f"the torch backend runs fp32, fp16 or bf16, not {precision} (int8 needs a TensorRT engine)")
+            raise BackendError(f"the torch backend runs fp32, fp16 or bf16, not {precision} (int8: an ONNX export with --precision int8, or a TensorRT engine)")
         backend = TorchBackend(encoder, device, compile=kind == "torch-compiled", precision=torch_precision)
         backend.reason = f"{backend.name}: asked for; the run's checkpoint on {device} ({torch_precision})"
         return Opened(backend, config, run, digest)
@@ -431,8 +431,8 @@ def _from_run(run: Path, kind: str, device: torch.device, precision: str | None,
             continue
         options = _ordered(manifests, candidate, device, precision, config.geometry.mode)
         if not options:
-            if candidate == "onnxruntime" and precision not in (None, "fp32"):
-                message = f"the ONNX export is fp32 only ({precision} asked for)"
+            if candidate == "onnxruntime" and precision in ("fp16", "bf16"):
+                message = f"ONNX exports are fp32 or int8 ({precision} asked for)"
             else:
                 message = _no_export(run, candidate, device, precision, config.geometry.mode)
             if kind != "auto":  # an unreadable manifest is the likelier cause: it comes first

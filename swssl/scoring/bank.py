@@ -64,6 +64,10 @@ class MemoryBank:
     paths: list[str]
     calibrations: dict[str, Calibration] = field(default_factory=dict)  # by calibration.options_key
     domain: Domain | None = None  # what the bank's images were like (None: a bank built before it was kept)
+    # Where it was loaded from and its metadata's sha256 (None for a bank built in memory): what a saved
+    # FAISS index beside it (swssl.scoring.bank_index) is checked against.
+    path: Path | None = field(default=None, compare=False, repr=False)
+    sha256: str | None = field(default=None, compare=False, repr=False)
 
     def calibration(self, scorer: str, options: dict[str, Any]) -> Calibration | None:
         """The calibration of `scorer` with `options`, if the bank holds one."""
@@ -94,6 +98,7 @@ class MemoryBank:
                 raise OSError(errno.EIO, f"safetensors: {exc}") from None
 
         atomic_write(Path(path), write)
+        self.path, self.sha256 = Path(path), metadata["sha256"]
 
     @classmethod
     def load(cls, path: str | Path, config: Config | None = None, encoder_digest: str | None = None) -> "MemoryBank":
@@ -125,7 +130,8 @@ class MemoryBank:
                        Config.from_dict(json.loads(metadata["config"])), metadata["encoder_digest"],
                        json.loads(metadata["paths"]),
                        {key: Calibration.from_dict(c) for key, c in json.loads(extras.get("calibrations", "{}")).items()},
-                       Domain.from_dict(json.loads(extras["domain"])) if "domain" in extras else None)
+                       Domain.from_dict(json.loads(extras["domain"])) if "domain" in extras else None,
+                       path, metadata["sha256"])
         except BankDamagedError:
             raise
         except Exception as exc:

@@ -38,7 +38,7 @@ SEARCH_OPTIONS = ("index",)  # how the nearest bank windows are found, not what 
 
 def options_key(scorer: str, options: dict[str, Any]) -> str:
     """The key of a (scorer, options) pair in a bank's calibrations: the options without those left at None and
-    without SEARCH_OPTIONS (a FAISS index finds the same neighbours exactly, flat, or nearly, hnsw, so the
+    without SEARCH_OPTIONS (a FAISS index finds the same neighbours exactly, flat, or nearly, ivf, so the
     brute-force calibration holds for it)."""
     kept = {key: value for key, value in sorted(options.items()) if value is not None and key not in SEARCH_OPTIONS}
     return f"{scorer} {json.dumps(kept, sort_keys=True)}"

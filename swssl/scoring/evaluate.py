@@ -151,7 +151,7 @@ def report_name(split: str, scorer: str, options: dict[str, Any], images: int | 
     parts = [split, scorer]
     for key, value in options.items():
         if value is not None and value != SCORER_OPTIONS[key].default:
-            text = value if isinstance(value, str) else f"{value:g}"  # e.g. --index hnsw: indexhnsw
+            text = value if isinstance(value, str) else f"{value:g}"  # e.g. --index ivf: indexivf
             parts.append(f"{SCORER_OPTIONS[key].flag.lstrip('-')}{text}")
     if threshold not in (None, DEFAULT_THRESHOLD):
         parts.append(f"threshold-{safe_name(threshold)}")

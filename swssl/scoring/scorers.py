@@ -22,11 +22,13 @@ row in swssl.registry.SCORERS (its name, command-line options and help).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
 import torch
 
 from swssl.scoring.bank import MemoryBank
+from swssl.scoring import bank_index
 from swssl.scoring.bank_index import BankIndex
 from swssl.errors import ConfigError
 from swssl.registry import SCORERS, load
@@ -172,8 +174,11 @@ class AlignedScorer(_Scorer):
 class GlobalScorer(_Scorer):
     """k nearest bank windows anywhere. Memory: (windows of the image) x (chunk + k) x 4 + chunk x D x 4 bytes.
 
-    `index` ("flat" | "hnsw", swssl.scoring.bank_index): search a FAISS index of the (coreset) rows instead of
-    scanning them, for banks too large to scan; None: the brute force.
+    `index` ("flat" | "ivf", swssl.scoring.bank_index): search a FAISS index of the (coreset) rows instead of
+    scanning them, for banks too large to scan; None: automatic, the brute force below
+    bank_index.AUTO_INDEX_ROWS rows (or without faiss), the approximate index (bank_index.APPROXIMATE) from there.
+    An index saved beside the bank (swssl-bank --index KIND) is used when it matches the bank and these rows,
+    else one is built in memory. `search` says which search it is ("brute force", "ivf nlist ... nprobe ...").
     """
 
     needs: ClassVar[Needs] = "windows"
@@ -182,15 +187,20 @@ class GlobalScorer(_Scorer):
     def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", k: int = 1, top: int = 1,
                  coreset_ratio: float | None = None, chunk: int = 8192, seed: int = 0, index: str | None = None):
         self.device, self.k, self.top, self.chunk = torch.device(device), k, top, chunk
-        flat = bank.embeddings[bank.foreground]  # foreground windows only: empty air is not a reference
-        if flat.shape[0] == 0:
-            raise ConfigError("the memory bank has no foreground window")
-        if coreset_ratio is not None:
-            flat = flat[k_center_greedy(flat, max(k, math.ceil(coreset_ratio * len(flat))), seed=seed,
-                                        device=self.device)]
+        flat = global_rows(bank, k, coreset_ratio, seed, self.device)
         if self.k > len(flat):
             raise ConfigError(f"k={self.k} exceeds the {len(flat)} windows of the bank")
-        self.index = None if index is None else BankIndex(flat, index)
+        self.coreset_ratio, self.seed = coreset_ratio, seed
+        if index is None and len(flat) >= bank_index.AUTO_INDEX_ROWS and bank_index.faiss_available():
+            index = bank_index.APPROXIMATE
+        self.index, self.index_source = None, None
+        if index is not None:
+            if bank.path is not None and bank.sha256 is not None:
+                self.index, self.index_source = bank_index.load_index(bank.path, index, bank.sha256, flat,
+                                                                      coreset_ratio, seed)
+            if self.index is None:
+                self.index = BankIndex(flat, index, seed=seed)
+        self.search = "brute force" if self.index is None else self.index.description
         if self.index is None:
             self.bank = flat.to(self.device)
             self.norms = torch.cat([self.bank[i:i + chunk].float().pow(2).sum(-1) for i in range(0, len(flat), chunk)])
@@ -208,6 +218,30 @@ class GlobalScorer(_Scorer):
         if self.index is not None:
             return self.index.search(queries, self.k).mean(-1)
         return knn_distances(queries, self.bank, self.norms, self.k, self.chunk).mean(-1)
+
+
+def save_global_index(bank: MemoryBank, options: dict) -> Path | None:
+    """After a bank is saved (swssl-bank): the global scorer's index for `options` (--index KIND, or the automatic
+    choice above bank_index.AUTO_INDEX_ROWS) written beside it; None when that scorer uses the brute force."""
+    scorer = GlobalScorer(bank, **options)
+    if scorer.index is None or bank.path is None or bank.sha256 is None:
+        return None
+    if scorer.index_source is not None and scorer.index_source.startswith("saved index"):
+        return bank_index.index_files(bank.path, scorer.index.kind)[0]
+    rows = global_rows(bank, options.get("k", 1), options.get("coreset_ratio"), options.get("seed", 0))
+    return bank_index.save_index(scorer.index, bank.path, bank.sha256, rows, options.get("coreset_ratio"),
+                                 options.get("seed", 0))
+
+
+def global_rows(bank: MemoryBank, k: int = 1, coreset_ratio: float | None = None, seed: int = 0,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """The rows the global scorer searches: the bank's foreground windows, or their k-center-greedy coreset."""
+    flat = bank.embeddings[bank.foreground]  # foreground windows only: empty air is not a reference
+    if flat.shape[0] == 0:
+        raise ConfigError("the memory bank has no foreground window")
+    if coreset_ratio is not None:
+        flat = flat[k_center_greedy(flat, max(k, math.ceil(coreset_ratio * len(flat))), seed=seed, device=device)]
+    return flat
 
 
 def knn_distances(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor, k: int,
@@ -244,18 +278,46 @@ class ReferenceScorer(_Scorer):
         return ImageScore(best.max().item(), None, foreground.cpu().numpy())
 
 
+CORESET_CHUNK = 16_384  # rows per independent greedy (k_center_greedy); 16k x 128 float32 = 8 MB: cache-resident
+
+
 def k_center_greedy(points: torch.Tensor, count: int, projection_dim: int = 128, seed: int = 0,
-                    device: str | torch.device = "cpu") -> torch.Tensor:
+                    device: str | torch.device = "cpu", chunk: int | None = None) -> torch.Tensor:
     """Indices of a k-center-greedy coreset (as PatchCore), chosen on a Gaussian random projection.
 
     Starts from a seeded random point, then repeatedly adds the point farthest from those chosen.
+    A bank of more than `chunk` (default CORESET_CHUNK) rows is split by a seeded shuffle into near-equal
+    chunks of at most `chunk` rows, each given its share of `count` and reduced by its own greedy: the cost
+    falls from O(N x count) to O(N x count x chunk / N) and each step's distances stay in cache; the union's
+    covering radius stays close to the one greedy's (tests/test_scorers.py bounds it on small data).
     """
     generator = torch.Generator().manual_seed(seed)
     count = min(count, len(points))
     dim = points.shape[1]
     projection = torch.randn(dim, min(projection_dim, dim), generator=generator) / math.sqrt(min(projection_dim, dim))
-    projected = points.float().to(device) @ projection.to(device)
-    chosen = [int(torch.randint(len(points), (), generator=generator))]
+    chunk = CORESET_CHUNK if chunk is None else chunk
+    if len(points) <= chunk:
+        projected = points.float().to(device) @ projection.to(device)
+        return _greedy(projected, count, generator)
+    pieces = math.ceil(len(points) / chunk)
+    order = torch.randperm(len(points), generator=generator)
+    groups = order.tensor_split(pieces)
+    sizes = torch.tensor([len(g) for g in groups], dtype=torch.float64)
+    shares = (sizes * count / len(points)).floor().long()
+    remainder = (sizes * count / len(points)) - shares
+    shares[remainder.argsort(descending=True)[:count - int(shares.sum())]] += 1  # largest remainders
+    projection = projection.to(device)
+    chosen = []
+    for group, share in zip(groups, shares.tolist()):
+        if share:
+            projected = points[group].float().to(device) @ projection
+            chosen.append(group[_greedy(projected, share, generator)])
+    return torch.cat(chosen)
+
+
+def _greedy(projected: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """k-center greedy over the rows of `projected`: a seeded random start, then the farthest row, `count` in all."""
+    chosen = [int(torch.randint(len(projected), (), generator=generator))]
     nearest = (projected - projected[chosen[0]]).pow(2).sum(-1)
     for _ in range(count - 1):
         index = int(nearest.argmax())
