@@ -109,7 +109,7 @@ def export_run(run_dir: Path, request: ExportRequest, echo: Callable[[str], None
     probe = verification.make_probe(source.encoder, source.config, spec, source.run_dir, request.data,
                                     request.verify_windows)
     echo(f"verification: {probe.where}")
-    if any(kind.name == "onnx" for kind in kinds) and request.precision != "fp32":
+    if any(kind.name == "onnx" for kind in kinds) and request.precision in ("fp16", "bf16"):
         echo(f"note: the ONNX file is float32; {request.precision} is built by TensorRT from it (--trt)")
     written: list[Path] = []
     failed: dict[str, str] = {}
@@ -138,7 +138,7 @@ def _check_requirements(kinds: set[str], request: ExportRequest, device: torch.d
 
         require_onnx()
     if "aoti" in kinds and request.precision == "int8":
-        raise ExportError("AOTInductor exports fp32, fp16 or bf16; INT8 needs --trt")
+        raise ExportError("AOTInductor exports fp32, fp16 or bf16; INT8 needs --onnx (CPU) or --trt")
 
 
 def _spec(source: Source, request: ExportRequest) -> GraphSpec:
@@ -175,6 +175,8 @@ def _command(source: Source, kind: str, precision: str, device: str, request: Ex
     parts = ["swssl-export", str(source.run_dir), BY_NAME[kind].flag]
     if kind != "onnx":
         parts += ["--precision", precision, "--device", device]
+    elif precision == "int8":
+        parts += ["--precision", precision]
     parts += mode_flags(spec.mode, source.facts["run_mode"])
     parts += ["--batch", request.batch.text]
     if request.out is not None:
@@ -204,8 +206,8 @@ Made = list[tuple[str, Path, str | None]]
 
 def export_onnx_artifact(source: Source, out: Path, request: ExportRequest, device: torch.device, probe: Probe,
                          echo) -> Made:
-    """The ONNX graph (float32, checked on ONNX Runtime's CPU provider whatever `device`)."""
-    from swssl.inference.backends import OnnxRuntimeBackend
+    """The ONNX graph (float32, checked on ONNX Runtime's CPU provider whatever `device`); with --precision int8
+    also its statically quantized version (onnx-int8/, swssl/export/quantize.py)."""
     from swssl.export.onnx_export import export_onnx
 
     folder = out / probe.spec.folder("onnx")
@@ -215,11 +217,59 @@ def export_onnx_artifact(source: Source, out: Path, request: ExportRequest, devi
     manifest = base_manifest(source, "onnx", artifact, "fp32", request, "any", probe.spec)
     manifest["external_data"] = {name: sha256_file(folder / name) for name in info.pop("external_data")}
     manifest["export"] = info
-    backend = OnnxRuntimeBackend(artifact, "cpu")  # the reference runtime for the graph itself
+    made = [_checked_on_cpu(folder, manifest, probe, "fp32", echo, "onnx")]
+    if request.precision == "int8" and not made[0][2]:
+        made.append(export_onnx_int8(source, out, request, artifact, manifest, probe, echo))
+    return made
+
+
+def export_onnx_int8(source: Source, out: Path, request: ExportRequest, fp32: Path, fp32_manifest: dict[str, Any],
+                     probe: Probe, echo) -> tuple[str, Path, str | None]:
+    """The float32 graph quantized to INT8 (QDQ), calibrated on normal training windows (dense: whole images)."""
+    from swssl.export.quantize import kernel_profile, quantize_onnx
+
+    folder = out / probe.spec.folder("onnx-int8")
+    artifact = folder / BY_NAME["onnx"].file
+    (folder / "manifest.json").unlink(missing_ok=True)
+    echo(f"onnx int8: calibrating on {_calibration_what(probe.spec, request)}")
+    inputs = _calibration_inputs(source, request, probe.spec)
+    info = quantize_onnx(fp32, artifact, inputs)
+    manifest = base_manifest(source, "onnx", artifact, "int8", request, "cpu", probe.spec)
+    manifest["export"] = {**fp32_manifest["export"], "from": str(fp32), "from_sha256": fp32_manifest["artifact_sha256"]}
+    manifest["quantization"] = {**info, "kernels": kernel_profile(artifact, inputs[0][:1])}
+    return _checked_on_cpu(folder, manifest, probe, "int8", echo, "onnx int8")
+
+
+def _calibration_what(spec: GraphSpec, request: ExportRequest) -> str:
+    if spec.dense:
+        return f"{verification.CALIBRATION_IMAGES} normal training images"
+    return f"{request.calibration_windows} normal training windows"
+
+
+def _calibration_inputs(source: Source, request: ExportRequest, spec: GraphSpec) -> list:
+    """What INT8 calibration runs the float32 graph on: batches of windows (seed 1: not the verification ones), or
+    whole images (dense), as numpy arrays."""
+    from swssl.export.quantize import CALIBRATION_BATCH
+
+    if spec.dense:
+        images, _ = verification.training_canvases(source.config, source.run_dir, request.data,
+                                                   verification.CALIBRATION_IMAGES, avoid=verification.DENSE_IMAGES)
+        return [image[None, None].numpy() for image in images]
+    windows, _ = verification.training_windows(source.config, source.run_dir, request.data,
+                                               request.calibration_windows, seed=1)
+    return [chunk.numpy() for chunk in windows.split(CALIBRATION_BATCH)]
+
+
+def _checked_on_cpu(folder: Path, manifest: dict[str, Any], probe: Probe, precision: str, echo,
+                    label: str) -> tuple[str, Path, str | None]:
+    """Verify an ONNX file on ONNX Runtime's CPU provider (the reference runtime for the graph itself)."""
+    from swssl.inference.backends import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(folder / manifest["artifact"], "cpu")
     backend.stride = probe.spec.stride
-    report = probe.check(backend, "fp32", "cpu")
+    report = probe.check(backend, precision, "cpu")
     report["runtime"] = f"onnxruntime {manifest['versions']['onnxruntime']} CPUExecutionProvider"
-    return [_finish(folder, manifest, report, echo, "onnx")]
+    return _finish(folder, manifest, report, echo, label)
 
 
 def _reusable_onnx(folder: Path, source: Source, request: ExportRequest) -> dict[str, Any] | None:

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 BANK_FILES = ("bank.safetensors", "bank-dense.safetensors")
 MAX_IMAGES = 8
 DENSE_IMAGES = 2  # whole training images a dense artifact is checked on
+CALIBRATION_IMAGES = 8  # whole training images a dense INT8 graph is calibrated on
 EXTRA_WINDOWS = 7  # verification runs batches of MIN, OPT and this odd size
 
 
@@ -98,22 +99,32 @@ def training_windows(config: Config, run_dir: str | Path | None = None, data: st
 
 
 def training_canvases(config: Config, run_dir: str | Path | None = None, data: str | Path | None = None,
-                      count: int = DENSE_IMAGES) -> tuple[list[torch.Tensor], str]:
+                      count: int = DENSE_IMAGES, avoid: int = 0) -> tuple[list[torch.Tensor], str]:
     """Up to `count` training images as dense mode embeds them (H x W float32 CPU, zero-padded to the
-    dense canvas: sides multiples of the stride; `config` is in dense mode), and where they came from."""
-    images, source = _resized_images(config, run_dir, data, count)
+    dense canvas: sides multiples of the stride; `config` is in dense mode), and where they came from.
+    `avoid`: leave out the images a call with count=`avoid` picks (INT8 calibration avoids the verification
+    images while there are others)."""
+    images, source = _resized_images(config, run_dir, data, count, avoid)
     return [pad_to_canvas(image, config.geometry, config.stride) for image in images], source
 
 
 def _resized_images(config: Config, run_dir: str | Path | None, data: str | Path | None,
-                    count: int) -> tuple[list[torch.Tensor], str]:
-    """Up to `count` training images spread over the list, resized to the run's geometry (float32 CPU)."""
+                    count: int, avoid: int = 0) -> tuple[list[torch.Tensor], str]:
+    """Up to `count` training images spread over the list, resized to the run's geometry (float32 CPU), without
+    those that a pick of `avoid` images takes (when that leaves any)."""
     from swssl.data.datasets import load_resized
 
     paths, source = _training_images(run_dir, data)
-    picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)]
+    avoided = set(_spread(paths, avoid))
+    others = [p for p in paths if p not in avoided]
+    picked = _spread(others or paths, count)
     return [torch.from_numpy(load_resized(path, config.geometry, config.preprocess.intensity, frame))
-            for path, frame in dict.fromkeys(picked)], source
+            for path, frame in picked], source
+
+
+def _spread(items: list, count: int) -> list:
+    """Up to `count` distinct items spread evenly over the list, first and last included."""
+    return list(dict.fromkeys(items[i] for i in np.linspace(0, len(items) - 1, min(count, len(items))).round().astype(int)))
 
 
 def _training_images(run_dir: str | Path | None, data: str | Path | None) -> tuple[list[tuple[Path, int]], str]:
