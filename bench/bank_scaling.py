@@ -91,7 +91,7 @@ def bank_scaling(sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), dim: int
         norms = bank.pow(2).sum(-1)
         reps = 1 if rows >= 1_000_000 else repeats
         with torch.inference_mode():
-            timing = measure(lambda: knn_distances(query, bank, norms, 1), warmup=1, repeats=reps)
+            timing = measure(lambda q=query, b=bank, n=norms: knn_distances(q, b, n, 1), warmup=1, repeats=reps)
             exact = knn_distances(query, bank, norms, 1)[:, 0]
         entry["brute force"] = {"slice_ms": 1000 * timing.median, "bytes": bank.numel() * 4 + norms.numel() * 4}
         for kind in kinds:
@@ -99,7 +99,7 @@ def bank_scaling(sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), dim: int
             started = time.perf_counter()
             index = BankIndex(bank, kind, seed=seed)
             build = time.perf_counter() - started
-            timing = measure(lambda: index.search(query, 1), warmup=1, repeats=reps)
+            timing = measure(lambda i=index, q=query: i.search(q, 1), warmup=1, repeats=reps)
             entry[kind] = {"slice_ms": 1000 * timing.median, "build_s": build, "bytes": index.memory_bytes(),
                            "peak_rss_growth_bytes": max(0, _peak_rss() - before), "search": index.description,
                            **_recall(index.search(query, 1)[:, 0], exact, near)}

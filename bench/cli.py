@@ -42,8 +42,9 @@ def _list(kind: type):
               "fp32,bf16,fp16].")
 @click.option("--modes", callback=_list(str), help="Geometry modes: exact (window by window, as the paper) and/or "
               "dense (one trunk pass per slice) [default: exact,dense].")
-@click.option("--export-precisions", callback=_list(str), help="AOTInductor / TensorRT precisions [default: cpu fp32; "
-              "cuda fp16]. ONNX Runtime always runs the float32 ONNX file.")
+@click.option("--export-precisions", callback=_list(str), help="Export precisions [default: cpu fp32,int8; cuda "
+              "fp16]: AOTInductor and TensorRT in each; ONNX Runtime runs the float32 file, and the INT8 one "
+              "when int8 is listed (AOTInductor has no int8).")
 @click.option("--batches", callback=_list(int), help="Encoder batch sizes [default: cpu 1,4,16,64,256; cuda "
               "1,8,32,128,512].")
 @click.option("--e2e-batch", type=click.IntRange(1), help="Runner batch size end to end [default: 256].")

@@ -96,6 +96,29 @@ def matmul_peak(device: torch.device | str, precision: str = "fp32", size: int =
             "repetitions": results[best]["repetitions"], "kernels": results}
 
 
+def int8_peak(size: int = 2048, warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
+    """Integer op/s of an n x n by n x n uint8 x int8 GEMM (2 n^3 ops) in ONNX Runtime's CPU kernels (MatMulInteger,
+    MLAS: the kernels an INT8 export's QLinearConv runs on), 2 ops per multiply-add as for FLOPs."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.integers(-128, 128, (size, size), dtype=np.int8), "b")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "int8-peak",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [size, size])],
+                              [helper.make_tensor_value_info("c", TensorProto.INT32, [size, size])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    a = rng.integers(0, 256, (size, size), dtype=np.uint8)
+    timing = measure(lambda: session.run(None, {"a": a}), warmup=warmup, repeats=repeats, device="cpu")
+    return {"precision": "int8", "size": size, "kernel": "onnxruntime MatMulInteger",
+            "flops_per_s": timing.rate(2 * size ** 3), "repetitions": timing.to_dict()["repetitions"],
+            "kernels": {"onnxruntime MatMulInteger": {"flops_per_s": timing.rate(2 * size ** 3), **timing.to_dict()}}}
+
+
 def percent_of_peak(flops_per_window: float, windows_per_second: float, peak_flops_per_second: float) -> float:
     """The share of the measured peak a path reaches, in percent."""
     return 100.0 * flops_per_window * windows_per_second / peak_flops_per_second

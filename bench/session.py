@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,13 +27,13 @@ import torch
 from swssl.registry import BACKENDS, BY_BACKEND, TORCH_BACKENDS
 from swssl.bench import flops, machine, report, suites, workload
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 # Defaults per device type. CPU: `make bench` in about 4-6 minutes on 2 cores; CUDA: bench/gpu.sh.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {"backbones": ["resnet18"], "backends": ["torch", "onnxruntime", "aoti"], "precisions": ["fp32", "bf16"],
             "modes": ["exact", "dense"],
-            "export_precisions": ["fp32"], "batches": [1, 4, 16, 64, 256], "e2e_batch": 256, "slides": 8,
+            "export_precisions": ["fp32", "int8"], "batches": [1, 4, 16, 64, 256], "e2e_batch": 256, "slides": 8,
             "bank_images": 4, "slide_size": 4096, "official_windows": 200, "warmup": 2, "repeats": 5,
             "min_seconds": 0.5, "peak_size": 2048},
     "cuda": {"backbones": ["resnet18"], "backends": ["torch", "onnxruntime", "aoti", "tensorrt"], "modes": ["exact", "dense"],
@@ -183,9 +184,9 @@ def plan_paths(options: Options, where: dict[str, Any], session: Session) -> lis
         if kind in TORCH_BACKENDS:
             precisions = options.precisions
         elif kind == "onnxruntime":
-            precisions = ["fp32"]  # the ONNX file is float32; reduced precision is TensorRT's job
-        else:
-            precisions = options.export_precisions
+            precisions = ["fp32", *(["int8"] if "int8" in options.export_precisions else [])]  # ONNX: fp32 or int8
+        else:  # AOTInductor: no int8 (TensorRT's int8 is calibrated at export as well)
+            precisions = [p for p in options.export_precisions if kind == "tensorrt" or p != "int8"]
         for precision in precisions:
             if precision not in PRECISIONS:
                 session.skip(where, f"{kind} {precision}", f"unknown precision (choose from {', '.join(PRECISIONS)})")
@@ -238,8 +239,9 @@ def run(options: Options) -> tuple[dict[str, Any], list[Path]]:
         result["large_slide"] = slide
         paths = plan_paths(options, result, session)
         for key in sorted({peak_key(path, options.device) for path in paths} | {"fp32"}):
-            measured = session.step(result, f"matmul peak {key}", lambda k=key: flops.matmul_peak(
-                options.device, k, options.peak_size, warmup=max(1, options.warmup), repeats=max(3, options.repeats)))
+            measure_peak = flops.int8_peak if key == "int8" else partial(flops.matmul_peak, options.device, key)
+            measured = session.step(result, f"matmul peak {key}", lambda m=measure_peak: m(
+                size=options.peak_size, warmup=max(1, options.warmup), repeats=max(3, options.repeats)))
             if measured:
                 result["peaks"][key] = measured
         for backbone in options.backbones:
@@ -289,7 +291,7 @@ def run_backbone(session: Session, backbone: str, paths: list[OurPath], images: 
     exported: set[tuple[str, str, str]] = set()
     for path in paths:
         artifact = BY_BACKEND[path.kind].name if path.kind in BY_BACKEND else None
-        key = (artifact, "fp32" if artifact == "onnx" else path.precision, path.mode)
+        key = (artifact, path.precision, path.mode)
         if artifact and key not in exported:
             made_profile = profile if path.mode == "exact" else None  # dense: the export's own (images per call)
             seconds = session.step(entry, f"{backbone}: export {artifact} {key[1]} {path.mode}", lambda: workload.export(

@@ -202,6 +202,16 @@ def test_smoke_run_writes_a_valid_report(tmp_path):
     assert "Dense mode against exact mode" in text and "| torch eager fp32 dense |" in text
 
 
+def test_int8_peak_and_the_int8_paths_planned():
+    peak = flops.int8_peak(size=64, warmup=0, repeats=2)
+    assert peak["precision"] == "int8" and peak["flops_per_s"] > 0 and "MatMulInteger" in peak["kernel"]
+    options = session.make_options(torch.device("cpu"), Path("out"), backends=["onnxruntime", "aoti"], modes=["exact"])
+    assert options.export_precisions == ["fp32", "int8"]
+    paths = session.plan_paths(options, {"skipped": []}, session.Session(options))
+    assert [p.label for p in paths] == ["onnxruntime fp32", "onnxruntime int8", "aoti fp32"]  # no int8 AOTInductor
+    assert session.peak_key(paths[1], torch.device("cpu")) == "int8"
+
+
 def test_options_rejects_unknown_backends_and_precisions(tmp_path):
     for flag, value in (("--backends", "torch,tensorflow"), ("--precisions", "fp8")):
         result = CliRunner().invoke(cli.bench, ["--device", "cpu", "--smoke", flag, value, "--out", str(tmp_path)])
