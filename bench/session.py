@@ -84,6 +84,8 @@ class Options:
 def make_options(device: torch.device, out: Path, smoke: bool = False, **given: Any) -> Options:
     """Options from the device's defaults (and --smoke's), overridden by whatever was given (None = default)."""
     values = dict(DEFAULTS[device.type])
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        values["precisions"] = ["fp32"]  # emulated bf16 (no AVX512-BF16 / AMX): minutes per peak GEMM, nothing to learn
     if smoke:
         values.update(SMOKE)
     values.update({k: v for k, v in given.items() if v is not None})
