@@ -26,8 +26,8 @@ def artifact_flags(command):
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @artifact_flags
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
-              help="TensorRT: fp16/bf16 builder flags, int8 by entropy calibration; AOTI: weights cast to fp16/bf16. "
-                   "The ONNX file is always fp32.")
+              help="TensorRT: fp16/bf16 builder flags, int8 by entropy calibration; AOTI: weights cast to fp16/bf16; "
+                   "ONNX: fp32, and with int8 also a statically quantized copy for the CPU (onnx-int8/).")
 @click.option("--mode", type=click.Choice(["exact", "dense"]),
               help="exact: windows in, embeddings out; dense: images (tiles) in, the trunk's feature cells out, "
                    "to RUN_DIR/export/<format>-dense/ (for swssl-infer --mode dense). Default: the run's own mode.")
@@ -44,7 +44,7 @@ def artifact_flags(command):
 @click.option("--verify-windows", type=click.IntRange(min=1),
               help="Windows compared with PyTorch (default MIN+OPT+7); dense artifacts are compared on whole images.")
 @click.option("--calibration-windows", default=512, show_default=True, type=click.IntRange(min=1),
-              help="Normal training windows for INT8 calibration.")
+              help="Normal training windows for INT8 calibration (dense mode calibrates on 8 whole images).")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(min=17),
               help="ONNX opset (18+: torch.export-based exporter; 17: the legacy TorchScript exporter).")
 @click.option("--version-compatible", is_flag=True,

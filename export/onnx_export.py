@@ -3,9 +3,9 @@ in dense mode raw images (N x 1 x H x W) in, feature cells (N x D x H/32 x W/32)
 
 The channel replication and the normalisation are inside the graph (they are in
 PatchEncoder.forward); the projector, which only the loss uses, is not. The batch axis is
-dynamic ("batch"), and so are H and W of a dense graph. The file is always float32: reduced
-precision is TensorRT's job (`--trt --precision fp16|bf16|int8` builds from this file), which
-keeps one ONNX file valid for every runtime.
+dynamic ("batch"), and so are H and W of a dense graph. The file is float32: TensorRT builds its
+reduced precisions from it (`--trt --precision fp16|bf16|int8`), and `--onnx --precision int8`
+quantizes a copy of it for ONNX Runtime on the CPU (swssl/export/quantize.py).
 
 Exporter: torch.export-based (`dynamo=True`, the default since torch 2.9) at opset 18. Measured
 on 2 CPU cores with torch 2.14: resnet18 2.6 s, wide_resnet50_2 6.5 s (64 px windows); the
