@@ -1,6 +1,7 @@
 """The command line: thin click wrappers; errors of ours are printed as one line, never a traceback."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -156,7 +157,14 @@ mode_option = click.option(
          "dense (the encoder runs once over the image, each window averages the features it covers: "
          "about 10x faster). Default: the run's own (exact unless trained with --mode dense).")
 device_option = click.option("--device", default="auto", show_default=True, help="auto (a GPU when there is one), cpu, cuda or cuda:N.")
-batch_option = click.option("--batch-size", default=256, show_default=True, help="Windows per encoder call.")
+batch_option = click.option(
+    "--batch", "--batch-size", "batch_size", type=click.IntRange(min=1),
+    help="Windows per encoder call in exact mode. Default: measured at the start on the backend at hand (the "
+         "fastest of 16-256 on a CPU, 64-1024 on CUDA; about 2 s).")
+backend_option = click.option(
+    "--backend", "kind", default="auto", show_default=True, type=click.Choice(["auto", *BACKENDS]),
+    help="Inference engine; auto picks the fastest verified one the run has exported for this device (int8 "
+         "only when asked), else torch (torch-compiled: the checkpoint through torch.compile).")
 threshold_option = click.option(
     "--threshold", "threshold", metavar="RULE",
     help="Decision threshold on the raw score: normal-percentile:P (the default, P = 99: the P-th percentile of "
@@ -168,17 +176,37 @@ data_option = click.option("--data", required=True, type=click.Path(exists=True,
                            help="The dataset the run was trained on (folder layout or CSV manifest).")
 
 
+def _encoder(run_dir: Path, kind: str, device: str, mode: str | None) -> tuple[Any, Config, str]:
+    """The backend that embeds for swssl-bank / swssl-eval (said on the terminal), the run's configuration in
+    `mode` and the fp32 weights digest the bank is tied to."""
+    from swssl.inference.backends import open_backend
+
+    opened = open_backend(run_dir, kind, device, None, mode)
+    click.echo(f"backend: {opened.backend.reason}")
+    return opened.backend, opened.config, opened.digest
+
+
+def _batch(requested: int | None, encode: Any, config: Config, err: bool = False) -> Any:
+    """The encoder batch: --batch N, else measured on `encode` (swssl.inference.batch_probe); said on the terminal."""
+    from swssl.inference.batch_probe import choose_batch
+
+    choice = choose_batch(requested, encode, config.geometry.mode, config.geometry.patch, encode.device)
+    click.echo(f"batch: {choice.describe()}", err=err)
+    return choice
+
+
 @click.command(context_settings=CONTEXT)
 @run_dir_argument
 @data_option
 @click.option("--fp32", is_flag=True, help="Store the bank in float32 instead of float16 (twice the size).")
 @scorer_option_flags
 @mode_option
+@backend_option
 @device_option
 @batch_option
 @friendly_errors
-def bank(run_dir: Path, data: Path, fp32: bool, scorer_values: dict[str, Any], mode: str | None, device: str,
-         batch_size: int) -> None:
+def bank(run_dir: Path, data: Path, fp32: bool, scorer_values: dict[str, Any], mode: str | None, kind: str,
+         device: str, batch_size: int | None) -> None:
     """Build RUN_DIR/bank.safetensors (bank-dense.safetensors with --mode dense): the embeddings of
     every window of the normal training images, calibrated on held-out images.
 
@@ -192,15 +220,12 @@ def bank(run_dir: Path, data: Path, fp32: bool, scorer_values: dict[str, Any], m
 
     from swssl.scoring.bank import bank_file
     from swssl.scoring.evaluate import build_calibrated_bank
-    from swssl.model.checkpoint import load_encoder, weights_digest
     from swssl.data.datasets import discover
     from swssl.scoring.scorers import scorer_options
-    from swssl.device import parse_device
 
-    dev = parse_device(device)
-    encoder, config = load_encoder(run_dir)
-    config = config.with_mode(mode)
-    memory = build_calibrated_bank(encoder.to(dev), discover(data), config, weights_digest(encoder), batch_size, dev,
+    encode, config, digest = _encoder(run_dir, kind, device, mode)
+    batch = _batch(batch_size, encode, config)
+    memory = build_calibrated_bank(encode, discover(data), config, digest, batch.batch, encode.device,
                                    torch.float32 if fp32 else torch.float16,
                                    scorer_options(list(SCORER_NAMES), **scorer_values))
     path = bank_file(run_dir, config.geometry.mode)
@@ -241,12 +266,13 @@ def _overlay_count(ctx: click.Context, param: click.Parameter, value: str) -> in
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Report folder (default RUN_DIR/eval, RUN_DIR/eval-dense in dense mode).")
 @mode_option
+@backend_option
 @device_option
 @batch_option
 @friendly_errors
 def evaluate(run_dir: Path, data: Path, split: str, per_class: int | None, scorers: tuple[str, ...],
              scorer_values: dict[str, Any], threshold: str | None, out_dir: Path | None, mode: str | None,
-             device: str, batch_size: int, overlays: int | None) -> None:
+             kind: str, device: str, batch_size: int | None, overlays: int | None) -> None:
     """Score a split against the run's memory bank and report image AUROC (with its 95 % bootstrap interval),
     pixel AUROC and lesion hits.
 
@@ -256,21 +282,18 @@ def evaluate(run_dir: Path, data: Path, split: str, per_class: int | None, score
     Example: swssl-eval runs/demo --data data/demo --split test
     """
     from swssl.scoring.bank import MemoryBank
-    from swssl.model.checkpoint import load_encoder, weights_digest
     from swssl.data.datasets import discover, lesion_contrasts, select, spread
     from swssl.scoring.evaluate import evaluate as run_evaluation, format_summaries, report_name
     from swssl.scoring.scorers import scorer_options
-    from swssl.device import parse_device
 
-    dev = parse_device(device)
-    encoder, config = load_encoder(run_dir)
-    config = config.with_mode(mode)
-    memory = MemoryBank.load(run_dir, config=config, encoder_digest=weights_digest(encoder))
+    encode, config, digest = _encoder(run_dir, kind, device, mode)
+    memory = MemoryBank.load(run_dir, config=config, encoder_digest=digest)
     samples = select(discover(data), split)
     samples = spread(samples, per_class) if per_class else samples
     options = scorer_options(list(dict.fromkeys(scorers)), **scorer_values)
     out_dir = out_dir or run_dir / ("eval-dense" if config.geometry.mode == "dense" else "eval")
-    summaries = run_evaluation(encoder.to(dev), memory, samples, config, options, out_dir, split, dev, batch_size,
+    batch = _batch(batch_size, encode, config)
+    summaries = run_evaluation(encode, memory, samples, config, options, out_dir, split, encode.device, batch.batch,
                                contrasts=lesion_contrasts(data), overlays=overlays, threshold=threshold,
                                images=per_class)
     click.echo(format_summaries(summaries))
@@ -331,13 +354,9 @@ def _without_none(table: dict[str, Any]) -> dict[str, Any]:
               help="A run directory (its checkpoint and memory bank) or an exported artifact inside it.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: scores.csv, scores.jsonl, heatmaps/, index.html.")
-@click.option("--backend", "kind", default="auto", show_default=True,
-              type=click.Choice(["auto", *BACKENDS]),
-              help="Inference engine; auto picks the fastest usable one for --model (torch-compiled: the "
-                   "checkpoint through torch.compile).")
+@backend_option
 @device_option
-@click.option("--batch", "--batch-size", "batch_size", default=256, show_default=True,
-              help="Windows per encoder call.")
+@batch_option
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
               help="Precision of the backend (default: the artifact's own).")
 @click.option("--scorer", type=click.Choice(SCORER_NAMES),
@@ -361,6 +380,9 @@ def _without_none(table: dict[str, Any]) -> dict[str, Any]:
                    "repeat for more), e.g. --exclude '*_mask.png' --exclude 'masks/*'. Masks named in the "
                    "nearest manifest.csv at or above a folder are always skipped.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--profile", is_flag=True,
+              help="Also time each stage of a slide (read, resize, windows, embed, score, write): printed at the "
+                   "end and written to OUT/profile.json. On CUDA it synchronises at each stage (slower).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Score the files on a pool of Ray workers (pip install 'swssl[ray]'); this process writes the results.")
 @click.option("--ray-address", metavar="ADDR",
@@ -370,11 +392,11 @@ def _without_none(table: dict[str, Any]) -> dict[str, Any]:
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0),
               help="With --ray: GPUs each worker reserves (default: 1 where the cluster has GPUs, else 0).")
 @friendly_errors
-def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device: str, batch_size: int,
+def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device: str, batch_size: int | None,
           precision: str | None, scorer: str | None, scorer_values: dict[str, Any], threshold: str | None,
           scale: float | None, mode: str | None, heatmaps: bool, dicom: bool, max_pixels: int, resume: bool,
-          exclude: tuple[str, ...], quiet: bool, use_ray: bool, ray_address: str | None, workers: int | None,
-          gpus_per_worker: float | None) -> None:
+          exclude: tuple[str, ...], quiet: bool, profile: bool, use_ray: bool, ray_address: str | None,
+          workers: int | None, gpus_per_worker: float | None) -> None:
     """Score SLIDES (files, folders searched recursively, or globs) against a run's memory bank.
 
     Every frame of a multi-frame file (a DBT volume) is a slide; the volume's score is the max over
@@ -384,6 +406,7 @@ def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device
     (an output that cannot be written included), 130 interrupted.
     Example: swssl-infer data/demo/test --model runs/demo --out runs/demo/infer --heatmaps
     """
+    from swssl import profiling
     from swssl.device import parse_device
     from swssl.inference.runner import choose_settings, format_summary, run_inference
     from swssl.inference.run import open_run
@@ -394,14 +417,18 @@ def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device
         scale_factor(scale)  # refuse a bad factor or device before loading anything
     if not use_ray and (ray_address or workers or gpus_per_worker is not None):
         raise click.UsageError("--ray-address, --workers and --gpus-per-worker go with --ray")
+    if use_ray and profile:
+        raise click.UsageError("--profile times the stages in this process: it does not go with --ray")
     if use_ray:
         from swssl.inference.ray_run import import_ray
 
         import_ray()  # fail fast, before the run is loaded
     loaded = open_run(model, kind, parse_device(device), precision, mode)
     options = scorer_options(list(SCORER_NAMES), **scorer_values)
-    settings = choose_settings(loaded.config, scorer, options, scale, batch_size, heatmaps, max_pixels=max_pixels,
+    batch = _batch(batch_size, loaded.backend, loaded.config, err=True)
+    settings = choose_settings(loaded.config, scorer, options, scale, batch.batch, heatmaps, max_pixels=max_pixels,
                                threshold=threshold, dicom=dicom)
+    clock = None
     if use_ray:
         from swssl.inference.ray_run import run_ray
 
@@ -409,7 +436,12 @@ def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device
                           mode=mode, resume=resume, progress=not quiet, exclude=exclude, address=ray_address,
                           workers=workers, gpus_per_worker=gpus_per_worker)
     else:
-        summary = run_inference(slides, loaded, out_dir, settings, resume=resume, progress=not quiet, exclude=exclude)
+        with profiling.profiling() if profile else contextlib.nullcontext() as clock:  # nullcontext gives None
+            summary = run_inference(slides, loaded, out_dir, settings, resume=resume, progress=not quiet,
+                                    exclude=exclude)
     click.echo(format_summary(summary))
+    if clock is not None:
+        click.echo(clock.table())
+        clock.save(out_dir / "profile.json")
     if summary.exit_status:
         sys.exit(summary.exit_status)

@@ -100,13 +100,17 @@ def _export(run: Path, kind: str) -> str | None:
     return None if result.exit_code == 0 else (result.output.strip().splitlines() or ["failed"])[-1]
 
 
+EVAL_BATCH = "64"  # the same batches in swssl-eval and swssl-infer: torch's results are then the same floats
+
+
 @pytest.fixture(scope="module")
 def evaluated(tiny, tmp_path_factory):
     """A copy of the run (exports must not change the other tests' run) evaluated by swssl-eval."""
     root, run = tiny
     copy = tmp_path_factory.mktemp("evalrun") / "run"
     shutil.copytree(run, copy)
-    result = CliRunner().invoke(cli.evaluate, [str(copy), "--data", str(root), "--split", "test", "--device", "cpu"])
+    result = CliRunner().invoke(cli.evaluate, [str(copy), "--data", str(root), "--split", "test", "--device", "cpu",
+                                               "--batch", EVAL_BATCH])
     assert result.exit_code == 0, result.output
     scores = {}
     for scorer in ("aligned", "global", "reference"):
@@ -134,7 +138,8 @@ def test_scores_equal_swssl_eval(evaluated, tmp_path, kind):
     tests = sorted(root.glob("test-*.png"))
     for scorer in ("aligned", "global", "reference"):
         out = tmp_path / scorer
-        result = invoke(*tests, "--model", run, "--out", out, "--backend", kind, "--scorer", scorer)
+        result = invoke(*tests, "--model", run, "--out", out, "--backend", kind, "--scorer", scorer,
+                        "--batch", EVAL_BATCH)
         assert result.exit_code == 0, result.output
         got = {Path(r["path"]).name: float(r["score"]) for r in rows_of(out)}
         assert got.keys() == expected[scorer].keys()
@@ -145,6 +150,38 @@ def test_scores_equal_swssl_eval(evaluated, tmp_path, kind):
                 assert score == expected[scorer][name], (scorer, name)
             else:
                 assert score == pytest.approx(expected[scorer][name], rel=1e-4, abs=1e-5), (scorer, name)
+
+
+def test_bank_and_eval_embed_with_an_exported_backend(evaluated, tmp_path):
+    """swssl-bank and swssl-eval --backend onnxruntime: the bank and the scores of the torch ones, within the
+    export's tolerance; the reports say which backend and batch embedded."""
+    from swssl.scoring.bank import MemoryBank
+
+    root, evaluated_run, expected = evaluated
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run, ignore=shutil.ignore_patterns("eval", "export"))
+    why = _export(run, "onnxruntime")
+    if why:
+        pytest.skip(f"no ONNX export here: {why}")
+    result = CliRunner().invoke(cli.evaluate, [str(run), "--data", str(root), "--split", "test", "--backend",
+                                               "onnxruntime", "--device", "cpu", "--batch", "16"])
+    assert result.exit_code == 0, result.output
+    for scorer in ("aligned", "global", "reference"):
+        report = json.loads((run / "eval" / f"test-{scorer}" / "eval.json").read_text())
+        assert report["backend"] == "onnxruntime (CPU)" and report["batch_size"] == 16
+        with open(run / "eval" / f"test-{scorer}" / "images.csv", newline="") as handle:
+            got = {Path(r["path"]).name: float(r["score"]) for r in csv.DictReader(handle)}
+        assert got == pytest.approx(expected[scorer], rel=5e-3, abs=1e-3), scorer
+    banks = {}
+    for kind in ("torch", "onnxruntime"):
+        result = CliRunner().invoke(cli.bank, [str(run), "--data", str(root), "--backend", kind, "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        said = result.output.splitlines()
+        assert said[0].startswith("backend: ") and kind in said[0] and said[1].startswith("batch: ") and "probed" in said[1]
+        banks[kind] = MemoryBank.load(run)
+    assert banks["onnxruntime"].encoder_digest == banks["torch"].encoder_digest
+    torch.testing.assert_close(banks["onnxruntime"].embeddings.float(), banks["torch"].embeddings.float(),
+                               rtol=2e-3, atol=2e-3)
 
 
 # --- DICOM volumes ---------------------------------------------------------------------------------
@@ -547,7 +584,7 @@ def test_full_disk_is_one_line_and_keeps_finished_rows(tiny, tmp_path):
         full = run_infer(*slides, "--model", run, "--out", disk / "out")
         assert full.returncode == 2, full.stderr
         assert "Traceback" not in full.stderr and "No space left on device" in full.stderr
-        errors = [line for line in full.stderr.splitlines() if not line.startswith(("backend: ", "threshold: ", "warning: "))]
+        errors = [line for line in full.stderr.splitlines() if not line.startswith(("backend: ", "batch: ", "threshold: ", "warning: "))]
         assert len(errors) == 1 and errors[0].startswith("error: ") and "scores." in errors[0], full.stderr
         lines = (disk / "out" / "scores.jsonl").read_bytes().split(b"\n")
         assert lines[-1] == b"" and all(json.loads(line) for line in lines[:-1])  # no cut line

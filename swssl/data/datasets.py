@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from swssl import profiling
 from swssl.data import readers
 from swssl.config import Geometry
 from swssl.errors import DatasetError
@@ -146,9 +147,13 @@ def resize_frame(reader: readers.ImageReader, frame: int, height: int, width: in
     """
     rows, cols = reader.shape
     band = max(1, RESIZE_BAND_PIXELS // cols)
-    narrowed = [_interpolate(reader.read((y, 0, min(band, rows - y), cols), frame), min(band, rows - y), width)
-                for y in range(0, rows, band)]
-    return resize_antialiased(np.concatenate(narrowed), height, width)
+    narrowed = []
+    with profiling.stage("resize"):
+        for y in range(0, rows, band):
+            with profiling.stage("read"):
+                pixels = reader.read((y, 0, min(band, rows - y), cols), frame)
+            narrowed.append(_interpolate(pixels, min(band, rows - y), width))
+        return resize_antialiased(np.concatenate(narrowed), height, width)
 
 
 def load_mask(sample: Sample, geometry: Geometry) -> np.ndarray:

@@ -206,6 +206,10 @@ class OnnxRuntimeBackend(ArtifactBackend):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        # ONNX Runtime's threads spin after each run by default, taking the cores from the scorer and the window
+        # cutting in torch between runs: on 2 CPU cores the aligned scorer took 51-61 ms per DBT slice with
+        # spinning and 25-26 ms without, the encoder's own time unchanged (swssl-infer --profile, demo run).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if providers is None:
             providers = default_providers(self.device, ort.get_available_providers(), self.artifact, spec)
         try:

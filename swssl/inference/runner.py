@@ -34,6 +34,7 @@ import torch
 
 from tqdm import tqdm
 
+from swssl import profiling
 from swssl.data import readers
 from swssl.config import Config
 from swssl.data.datasets import resize_frame
@@ -350,46 +351,50 @@ def _score_file(key: str, reader: readers.ImageReader, model: OpenRun, scorer: S
     scores: dict[int, ImageScore] = {}  # this run's results, for the DICOM map of the whole file
     dicom: dict[str, str] = {}
     for frame in todo:
-        started = time.perf_counter()
-        label = name if frames == 1 else f"{name} [{frame + 1}/{frames}]"
-        bar.set_postfix_str(label, refresh=True)
-        try:
-            with _frame_bar(bar, label) as progress:
-                result, overlay, stats = score_frame(reader, frame, model, scorer, settings, progress)
-            if result.scored and not math.isfinite(result.score):
-                raise SwsslError(f"non-finite score {result.score} (the model or the memory bank gives NaN/inf)")
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            record_error(key, frame, _error_message(exc), frames=frames)
-            continue
-        seconds = time.perf_counter() - started
-        record = {"path": key, "frame": frame, "score": float(result.score), "windows_scored": result.scored,
-                  "windows_skipped": result.skipped, "seconds": round(seconds, 3), "status": "ok",
-                  "message": "", "frames": frames, "shape": list(reader.shape), "grid": list(result.windows.shape),
-                  "top_window": result.top_window(tuple(reader.shape)), **decision.judge(result.score, stats), **common}
-        if record["warning"]:
-            say(f"warning: {key}{f' frame {frame}' if frames > 1 else ''}: {record['warning']}")
-        if not result.scored:  # nothing to compare: a score here would read as "most normal"
-            threshold = model.config.preprocess.foreground_threshold
-            record.update(score=None, status="empty", top_window=None, percentile=None, anomalous=None,
-                          message=f"no foreground: no window has a pixel above preprocess.foreground_threshold "
-                                  f"= {threshold:g} (blank or all-background image); not scored")
-            summary.empty += 1
-        elif settings.heatmaps:
-            _add_heatmap(record, result, overlay, key, frame, frames, log.out_dir, summary, decision)
-        scores[frame] = result
-        if settings.dicom and reader.kind == "DICOM" and frame == todo[-1]:
-            dicom = _add_dicom(key, frames, scores, log.out_dir, settings, decision, summary)
-            record.update(dicom)
-        log.write(record)
-        done[frame] = record
-        summary.scored += 1
-        summary.windows += result.scored
-        summary.seconds += seconds
-        bar.set_postfix_str(f"{label}: {result.scored / max(seconds, 1e-9):.0f} windows/s", refresh=True)
+        with profiling.stage(profiling.FRAME):
+            started = time.perf_counter()
+            label = name if frames == 1 else f"{name} [{frame + 1}/{frames}]"
+            bar.set_postfix_str(label, refresh=True)
+            try:
+                with _frame_bar(bar, label) as progress:
+                    result, overlay, stats = score_frame(reader, frame, model, scorer, settings, progress)
+                if result.scored and not math.isfinite(result.score):
+                    raise SwsslError(f"non-finite score {result.score} (the model or the memory bank gives NaN/inf)")
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                record_error(key, frame, _error_message(exc), frames=frames)
+                continue
+            seconds = time.perf_counter() - started
+            record = {"path": key, "frame": frame, "score": float(result.score), "windows_scored": result.scored,
+                      "windows_skipped": result.skipped, "seconds": round(seconds, 3), "status": "ok",
+                      "message": "", "frames": frames, "shape": list(reader.shape), "grid": list(result.windows.shape),
+                      "top_window": result.top_window(tuple(reader.shape)), **decision.judge(result.score, stats), **common}
+            if record["warning"]:
+                say(f"warning: {key}{f' frame {frame}' if frames > 1 else ''}: {record['warning']}")
+            if not result.scored:  # nothing to compare: a score here would read as "most normal"
+                threshold = model.config.preprocess.foreground_threshold
+                record.update(score=None, status="empty", top_window=None, percentile=None, anomalous=None,
+                              message=f"no foreground: no window has a pixel above preprocess.foreground_threshold "
+                                      f"= {threshold:g} (blank or all-background image); not scored")
+                summary.empty += 1
+            elif settings.heatmaps:
+                with profiling.stage("write"):
+                    _add_heatmap(record, result, overlay, key, frame, frames, log.out_dir, summary, decision)
+            scores[frame] = result
+            if settings.dicom and reader.kind == "DICOM" and frame == todo[-1]:
+                with profiling.stage("write"):
+                    dicom = _add_dicom(key, frames, scores, log.out_dir, settings, decision, summary)
+                record.update(dicom)
+            with profiling.stage("write"):
+                log.write(record)
+            done[frame] = record
+            summary.scored += 1
+            summary.windows += result.scored
+            summary.seconds += seconds
+            bar.set_postfix_str(f"{label}: {result.scored / max(seconds, 1e-9):.0f} windows/s", refresh=True)
     if volume_due:
         log.write({**_volume_record(key, frames, done, common, decision), **dicom})
 

@@ -28,10 +28,11 @@ from swssl.scoring.metrics import auroc_interval, image_auroc
 from swssl.model.encoder import PatchEncoder
 from swssl.scoring.report import by_contrast, ImageResult, format_table, summarise, write_report
 from swssl.scoring.scorers import build_scorer, scorer_options
+from swssl.windows.embed import Encode
 from swssl.windows.tiling import ImageWindows, score_source
 
 
-def score_samples(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], config: Config,
+def score_samples(encoder: Encode, bank: MemoryBank, samples: list[Sample], config: Config,
                   scorers: dict[str, dict], device: str | torch.device = "cpu", batch_size: int = 256,
                   progress: bool = True, desc: str = "scoring") -> dict[str, list[ImageResult]]:
     """Per scorer name, one ImageResult per sample (with its mask; images are not kept)."""
@@ -84,7 +85,7 @@ def default_scorer_options() -> dict[str, dict]:
     return scorer_options(list(SCORER_NAMES), **{key: option.default for key, option in SCORER_OPTIONS.items()})
 
 
-def build_calibrated_bank(encoder: PatchEncoder, samples: list[Sample], config: Config, encoder_digest: str,
+def build_calibrated_bank(encoder: Encode, samples: list[Sample], config: Config, encoder_digest: str,
                           batch_size: int = 256, device: str | torch.device = "cpu",
                           dtype: torch.dtype = torch.float16, scorers: dict[str, dict] | None = None
                           ) -> MemoryBank:
@@ -107,7 +108,7 @@ def build_calibrated_bank(encoder: PatchEncoder, samples: list[Sample], config: 
     return bank
 
 
-def evaluate(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], config: Config,
+def evaluate(encoder: Encode, bank: MemoryBank, samples: list[Sample], config: Config,
              scorers: dict[str, dict], out_dir: Path, split: str, device: str | torch.device = "cpu",
              batch_size: int = 256, overlays: int | None = 8, contrasts: dict[Path, float] | None = None,
              threshold: str | None = None, images: int | None = None) -> dict[str, dict]:
@@ -118,12 +119,13 @@ def evaluate(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], con
     `threshold` (a --threshold rule; None: the default): each image gets its percentile among the bank's
     held-out normals and a flag, and the summaries the sensitivity and specificity at that threshold, for
     every scorer the bank is calibrated for (a raw-score rule applies to every scorer).
-    `images`: the --images N subset the samples are (named in the folders)."""
+    `images`: the --images N subset the samples are (named in the folders). `encoder`: a PatchEncoder or any
+    backend (swssl.inference.backends) of the weights the bank was built with (its digest goes in the report)."""
     started = time.perf_counter()
     results = score_samples(encoder, bank, samples, config, scorers, device, batch_size)
     seconds = time.perf_counter() - started
     rows, cols = grid(config.geometry)
-    summaries, digest = {}, weights_digest(encoder)
+    summaries = {}
     for name, scored in results.items():
         summary = summarise(scored, rows, cols, config.geometry.patch, split, name)
         calibration = bank.calibration(name, scorers[name])
@@ -131,8 +133,9 @@ def evaluate(encoder: PatchEncoder, bank: MemoryBank, samples: list[Sample], con
         summary.update(figures)
         if contrasts:
             summary["by_contrast"] = by_contrast(scored, contrasts)
-        extra = {"scorer_options": scorers[name], "seconds_all_scorers": seconds,
-                 "encoder_digest": digest, "config": config.to_dict()}
+        extra = {"scorer_options": scorers[name], "seconds_all_scorers": seconds, "batch_size": batch_size,
+                 "backend": getattr(encoder, "name", type(encoder).__name__),
+                 "encoder_digest": bank.encoder_digest, "config": config.to_dict()}
         write_report(out_dir / report_name(split, name, scorers[name], images, threshold), scored, summary, rows, cols,
                      config.geometry.patch, overlays, extra,
                      mode=config.geometry.mode, calibration=calibration, threshold=decided,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from swssl.scoring.bank import MemoryBank
 from swssl.scoring import bank_index
@@ -131,44 +132,55 @@ class _Scorer:
         return state.finalize(foreground)
 
 
+ALIGNED_STEP_ROWS = 65_536  # bank rows (positions x bank images) per step of the aligned scorer
+
+
 class AlignedScorer(_Scorer):
-    """Position-matched nearest neighbour. Memory: chunk x R x C x D x 4 bytes (chunk = bank images per step)."""
+    """Position-matched nearest neighbour. Memory: the bank as float32 (R x C x N x D x 4 bytes: scanned once per
+    image, it is not converted again for each one) and chunk x N x (D + S) x 4 bytes per step, chunk = grid
+    positions per step (default ALIGNED_STEP_ROWS / N), S = (2 radius + 1)^2 shifts."""
 
     needs: ClassVar[Needs] = "grid"
 
     def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", radius: int = 0, top: int = 1,
-                 chunk: int = 16):
-        self.device, self.radius, self.top, self.chunk = torch.device(device), radius, top, chunk
+                 chunk: int | None = None):
+        self.device, self.radius, self.top = torch.device(device), radius, top
         self.grid = tuple(bank.foreground.shape[1:])
-        # R x C x N x D: for each position, its training windows side by side.
-        self.bank = bank.embeddings.permute(1, 2, 0, 3).contiguous().to(self.device)
-        self.norms = torch.cat([self.bank[:, :, i:i + chunk].float().pow(2).sum(-1)
-                                for i in range(0, self.bank.shape[2], chunk)], dim=2)
+        n, rows, cols, dim = bank.embeddings.shape
+        self.chunk = chunk or max(1, ALIGNED_STEP_ROWS // n)
+        # (R C) x N x D: for each position, its training windows side by side.
+        self.bank = bank.embeddings.to(self.device, torch.float32).permute(1, 2, 0, 3).reshape(rows * cols, n, dim)
+        self.norms = self.bank.pow(2).sum(-1)  # (R C) x N
 
     @torch.inference_mode()
     def score_grid(self, embeddings: torch.Tensor, foreground: torch.Tensor) -> ImageScore:
-        rows, cols, n, _ = self.bank.shape
+        """Each bank position meets the test windows it is compared with (its own position and the shifted
+        ones within `radius`) in one batched product, so the bank is read once per image, whatever the radius."""
+        rows, cols = self.grid
         if embeddings.shape[:2] != (rows, cols):
             raise ConfigError(f"image grid {tuple(embeddings.shape[:2])} differs from the bank's {(rows, cols)}; "
                               "the aligned scorer needs images at the run's geometry (use --scorer global)")
+        r, side = self.radius, 2 * self.radius + 1
         test = embeddings.to(self.device, torch.float32)
-        test_norms = test.pow(2).sum(-1)
-        best = torch.full((rows, cols), float("inf"), device=self.device)
-        r = self.radius
-        for dr in range(-r, r + 1):
-            for dc in range(-r, r + 1):
-                # positions (i, j) whose shifted partner (i + dr, j + dc) lies on the grid
-                i0, i1, j0, j1 = max(0, -dr), min(rows, rows - dr), max(0, -dc), min(cols, cols - dc)
-                if i0 >= i1 or j0 >= j1:
-                    continue
-                t = test[i0:i1, j0:j1].reshape(-1, test.shape[-1], 1)
-                for start in range(0, n, self.chunk):
-                    b = self.bank[i0 + dr:i1 + dr, j0 + dc:j1 + dc, start:start + self.chunk].float()
-                    bn = self.norms[i0 + dr:i1 + dr, j0 + dc:j1 + dc, start:start + self.chunk]
-                    dots = torch.bmm(b.reshape(t.shape[0], -1, t.shape[1]), t).view(bn.shape)
-                    d2 = (test_norms[i0:i1, j0:j1, None] + bn - 2 * dots).amin(-1)
-                    best[i0:i1, j0:j1] = torch.minimum(best[i0:i1, j0:j1], d2)
-        return _result(best.clamp_min(0).sqrt(), foreground.to(self.device), self.top)
+        # partners[q, :, s]: the test window that bank position q is compared with under shift s (zero past the
+        # grid: masked below); q's partner under shift (u, v) is the test window at q + (u - r, v - r).
+        padded = F.pad(test.permute(2, 0, 1), (r, r, r, r))
+        partners = padded.unfold(1, side, 1).unfold(2, side, 1).reshape(-1, rows * cols, side * side).transpose(0, 1)
+        inside = F.pad(torch.ones(rows, cols, device=self.device), (r, r, r, r))
+        inside = inside.unfold(0, side, 1).unfold(1, side, 1).reshape(rows * cols, side * side) > 0
+        partner_norms = partners.pow(2).sum(1)  # (R C) x S
+        nearest = torch.empty(rows * cols, side * side, device=self.device)
+        for start in range(0, rows * cols, self.chunk):
+            step = slice(start, start + self.chunk)
+            dots = torch.bmm(self.bank[step], partners[step].contiguous())  # chunk x N x S
+            nearest[step] = (self.norms[step, :, None] - 2 * dots).amin(1) + partner_norms[step]
+        nearest = nearest.masked_fill(~inside, float("inf")).view(rows, cols, side, side)
+        # Test window p took shift (u, v) at bank position p - (u - r, v - r): its best is the min over (u, v).
+        best = torch.full((rows + 2 * r, cols + 2 * r), float("inf"), device=self.device)
+        for u in range(side):
+            for v in range(side):
+                best[u:u + rows, v:v + cols] = torch.minimum(best[u:u + rows, v:v + cols], nearest[:, :, u, v])
+        return _result(best[r:r + rows, r:r + cols].clamp_min(0).sqrt(), foreground.to(self.device), self.top)
 
 
 class GlobalScorer(_Scorer):

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from swssl import profiling
 from swssl.config import Config
 from swssl.windows.dense import (DEFAULT_TILE, FeatureMap, covered_cells, lattice_window_max, pool_windows,
                                  tiled_feature_map)
@@ -169,8 +170,10 @@ class SlideStream:
             for y0, y1 in spans:
                 if stop.is_set():
                     return
-                block = torch.from_numpy(self.reader.read((y0, 0, y1 - y0, width), self.frame))
-                if not put(block.pin_memory() if pin else block):
+                with profiling.stage("read" + profiling.PREFETCH):
+                    block = torch.from_numpy(self.reader.read((y0, 0, y1 - y0, width), self.frame))
+                    block = block.pin_memory() if pin else block
+                if not put(block):
                     return
             put(_DONE)
         except BaseException as exc:  # handed to the main thread, which raises it there
@@ -179,10 +182,16 @@ class SlideStream:
     # --- the main thread -------------------------------------------------------------------------
 
     def _upload(self, block: torch.Tensor) -> torch.Tensor:
-        block = block.to(self.device, non_blocking=True)
-        if self.k > 1:
-            block = F.avg_pool2d(block[None, None], self.k)[0, 0]
-        return block
+        with profiling.stage("upload"):
+            block = block.to(self.device, non_blocking=True)
+            if self.k > 1:
+                block = F.avg_pool2d(block[None, None], self.k)[0, 0]
+            return block
+
+    @staticmethod
+    def _next(blocks: queue.Queue) -> object:
+        with profiling.stage("wait"):  # for the prefetch thread: the reading that the overlap does not hide
+            return blocks.get()
 
     def _blocks(self) -> Iterator[torch.Tensor]:
         """The frame's blocks of scaled rows on the device, top to bottom, read ahead by the prefetch thread.
@@ -196,7 +205,7 @@ class SlideStream:
         reader_thread.start()
         thumbs: list[torch.Tensor] = []
         try:
-            while (item := blocks.get()) is not _DONE:
+            while (item := self._next(blocks)) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 block = self._upload(item)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import numpy as np
 import torch
 
+from swssl import profiling
 from swssl.config import Config
 from swssl.windows.embed import Encode, embed_image
 from swssl.errors import ConfigError
@@ -143,16 +144,23 @@ def score_source(source: WindowSource, encode: Encode, scorers: Mapping[str, Sco
     started = time.perf_counter()
     states = {name: scorer.start(shape) for name, scorer in scorers.items()}
     every_window = any(scorer.needs == "grid" for scorer in scorers.values())
+    encode = profiling.TimedEncode(encode) if profiling.enabled() else encode
     encoded = 0
     with torch.inference_mode(), contextlib.closing(source.chunks(encode, every_window)) as chunks:
-        for chunk in chunks:  # closed on the way out: a streamed source stops its prefetch thread now
-            for state in states.values():
-                state.update(chunk)
+        while True:  # closed on the way out: a streamed source stops its prefetch thread now
+            with profiling.stage("windows"):  # cutting, foreground tests, pooling; less the encoder's calls
+                chunk = next(chunks, None)
+            if chunk is None:
+                break
+            with profiling.stage("score"):
+                for state in states.values():
+                    state.update(chunk)
             if progress is not None:
                 encoded += len(chunk.rows) if chunk.foreground is None else int(chunk.foreground.sum())
                 progress(encoded)
         foreground = torch.as_tensor(source.foreground)
-        results = {name: state.finalize(foreground) for name, state in states.items()}
+        with profiling.stage("score"):
+            results = {name: state.finalize(foreground) for name, state in states.items()}
     seconds = time.perf_counter() - started
     for result in results.values():
         result.windows, result.seconds = source.grid, seconds
