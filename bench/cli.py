@@ -47,7 +47,11 @@ def _list(kind: type):
               "when int8 is listed (AOTInductor has no int8).")
 @click.option("--batches", callback=_list(int), help="Encoder batch sizes [default: cpu 1,4,16,64,256; cuda "
               "1,8,32,128,512].")
-@click.option("--e2e-batch", type=click.IntRange(1), help="Runner batch size end to end [default: 256].")
+@click.option("--e2e-batch", type=click.IntRange(1),
+              help="Runner batch size end to end [default: probed per path, as swssl-infer does].")
+@click.option("--bank-sizes", callback=_list(int),
+              help="Bank rows of the bank-scaling table (synthetic 512-d; brute force, FAISS flat and IVF, coreset) "
+                   "[default: 10000,100000; 0: none; 1000000 takes about 10 minutes on 2 cores].")
 @click.option("--slides", type=click.IntRange(1), help="DBT-sized slices end to end [default: cpu 8, cuda 16].")
 @click.option("--bank-images", type=click.IntRange(1), help="Normal images in the memory bank [default: cpu 4, cuda 8].")
 @click.option("--data", default=None, help="Slices from: auto (the demo data when here or buildable, else "

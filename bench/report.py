@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from swssl.bench import machine as machine_info
+from swssl.bench.bank_scaling import bank_scaling_markdown
 
 FORMAT = "swssl-bench/1"
 HOW = """\
@@ -219,6 +220,9 @@ def render_markdown(result: dict[str, Any], plot_name: str | None) -> str:
     out += ["## Headline", ""] + [f"- {line}" for line in headline(result)] + [""]
     for entry in result.get("models", []):
         out += _model_section(entry, plot_name, result.get("plot_missing"))
+    if result.get("bank_scaling"):
+        out += ["## Bank search as the bank grows (the global scorer; synthetic embeddings)", ""]
+        out += bank_scaling_markdown(result["bank_scaling"]) + [""]
     peaks = result.get("peaks", {})
     if peaks:
         out += ["## Matmul peak (measured in this run)", ""]
@@ -299,11 +303,11 @@ def _model_section(entry: dict[str, Any], plot_name: str | None, plot_missing: s
             out += [f"(No plot: {plot_missing}.)", ""]
     e2e = [row for row in entry.get("end_to_end", [])]
     if e2e:
-        batch = e2e[0].get("batch")
-        out += [f"### End to end: the runner on DBT-sized slices (batch {batch}; swssl-infer's default is 256)", ""]
-        out += _table(["path", "slides", "slides/s", "s/slice median", "p95", "windows/s", "background skipped",
+        out += ["### End to end: the runner on DBT-sized slices", ""]
+        out += _table(["path", "batch", "slides", "slides/s", "s/slice median", "p95", "windows/s", "background skipped",
                        "model load s", "peak RSS MiB", "peak device MiB"],
-                      [[r["path"], str(r.get("slides", 0)), f"{r['slides_per_s']:.2f}" if r.get("slides") else "-",
+                      [[r["path"], _batch(r), str(r.get("slides", 0)),
+                        f"{r['slides_per_s']:.2f}" if r.get("slides") else "-",
                         _seconds(r.get("seconds_per_slide_median")), _seconds(r.get("seconds_per_slide_p95")),
                         _rate(r.get("windows_per_s")),
                         f"{100 * r['skipped_share']:.1f} %" if r.get("slides") else "-",
@@ -311,6 +315,7 @@ def _model_section(entry: dict[str, Any], plot_name: str | None, plot_missing: s
                        for r in e2e])
         out += [""] + [f"Note ({r['path']}): {r['note']}." for r in e2e if r.get("note")]
         out += [""] if any(r.get("note") for r in e2e) else []
+        out += _stage_table(e2e)
     for native in (entry.get("native"), entry.get("native_dense")):
         if not (native and native.get("slides")):
             continue
@@ -331,6 +336,30 @@ def _model_section(entry: dict[str, Any], plot_name: str | None, plot_missing: s
         out += ["Setup (not in any number above): " + "; ".join(setup) + ".", ""]
     out += _problems(entry, entry["backbone"])
     return out
+
+
+def _batch(row: dict[str, Any]) -> str:
+    if row.get("batch_how") == "dense":
+        return "-"
+    return f"{row.get('batch')}{' (probed)' if row.get('batch_how') == 'probed' else ''}"
+
+
+STAGE_ORDER = ("read", "resize", "wait", "upload", "windows", "embed", "score", "write", "other")
+
+
+def _stage_table(e2e: list[dict[str, Any]]) -> list[str]:
+    """Where a slice's time goes, per path (swssl.profiling's stages, ms per slice and the encoder's share)."""
+    rows = [r for r in e2e if r.get("stages", {}).get("frames")]
+    if not rows:
+        return []
+    names = [n for n in STAGE_ORDER if any(n in r["stages"]["stages"] for r in rows)]
+    out = ["Where a slice's time goes (ms per slice, exclusive wall time per stage: `swssl-infer --profile`; "
+           "windows = cutting, foreground tests and pooling; other = statistics and bookkeeping):", ""]
+    out += _table(["path", *names, "encoder share"],
+                  [[r["path"], *[f"{r['stages']['stages'][n]['ms_per_frame']:.1f}" if n in r["stages"]["stages"]
+                                 else "-" for n in names],
+                    f"{100 * (r['stages']['stages'].get('embed', {}).get('share') or 0):.0f} %"] for r in rows])
+    return out + [""]
 
 
 def _problems(where: dict[str, Any], name: str) -> list[str]:

@@ -26,6 +26,7 @@ import torch
 
 from swssl.registry import BACKENDS, BY_BACKEND, TORCH_BACKENDS
 from swssl.bench import flops, machine, report, suites, workload
+from swssl.inference import batch_probe
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
@@ -33,16 +34,16 @@ PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {"backbones": ["resnet18"], "backends": ["torch", "onnxruntime", "aoti"], "precisions": ["fp32", "bf16"],
             "modes": ["exact", "dense"],
-            "export_precisions": ["fp32", "int8"], "batches": [1, 4, 16, 64, 256], "e2e_batch": 256, "slides": 8,
+            "export_precisions": ["fp32", "int8"], "batches": [1, 4, 16, 64, 256], "e2e_batch": None, "slides": 8,
             "bank_images": 4, "slide_size": 4096, "official_windows": 200, "warmup": 2, "repeats": 5,
-            "min_seconds": 0.5, "peak_size": 2048},
+            "min_seconds": 0.5, "peak_size": 2048, "bank_sizes": [10_000, 100_000]},
     "cuda": {"backbones": ["resnet18"], "backends": ["torch", "onnxruntime", "aoti", "tensorrt"], "modes": ["exact", "dense"],
              "precisions": ["fp32", "bf16", "fp16"], "export_precisions": ["fp16"], "batches": [1, 8, 32, 128, 512],
-             "e2e_batch": 256, "slides": 16, "bank_images": 8, "slide_size": 8192, "official_windows": 300,
-             "warmup": 3, "repeats": 10, "min_seconds": 0.2, "peak_size": 8192},
+             "e2e_batch": None, "slides": 16, "bank_images": 8, "slide_size": 8192, "official_windows": 300,
+             "warmup": 3, "repeats": 10, "min_seconds": 0.2, "peak_size": 8192, "bank_sizes": [10_000, 100_000]},
 }
 # --smoke: seconds, for the tests and a dry run of bench/gpu.sh's Python part.
-SMOKE = {"backbones": ["resnet18"], "batches": [1, 4], "e2e_batch": 16, "slides": 2, "bank_images": 2,
+SMOKE = {"backbones": ["resnet18"], "batches": [1, 4], "e2e_batch": 16, "slides": 2, "bank_images": 2, "bank_sizes": [2000],
          "slide_size": 256, "official_windows": 8, "warmup": 0, "repeats": 1, "min_seconds": 0.0, "peak_size": 256,
          "data": "synthetic"}
 
@@ -56,7 +57,7 @@ class Options:
     modes: list[str]  # geometry modes: exact (window by window) and / or dense (one trunk pass per slice)
     export_precisions: list[str]
     batches: list[int]
-    e2e_batch: int
+    e2e_batch: int | None  # None: probed per path, as swssl-infer does (swssl.inference.batch_probe)
     slides: int
     bank_images: int
     slide_size: int
@@ -65,6 +66,7 @@ class Options:
     repeats: int
     min_seconds: float
     peak_size: int
+    bank_sizes: list[int]  # rows of the bank-scaling table (bench/bank_scaling.py); [] or [0]: none
     out: Path
     data: str = "auto"
     budget: float = 0.0  # seconds; 0: no limit
@@ -211,8 +213,8 @@ def peak_key(path: OurPath, device: torch.device) -> str:
 def batch_profile(options: Options):
     from swssl.export.profile import BatchProfile
 
-    largest = max([*options.batches, options.e2e_batch])
-    return BatchProfile(1, min(options.e2e_batch, largest), largest)
+    largest = max([*options.batches, options.e2e_batch or 0, *batch_probe.candidates_for(options.device)])
+    return BatchProfile(1, options.e2e_batch or largest, largest)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -248,6 +250,7 @@ def run(options: Options) -> tuple[dict[str, Any], list[Path]]:
                 result["peaks"][key] = measured
         for backbone in options.backbones:
             run_backbone(session, backbone, paths, images, slide, work / backbone, smoke_geometry)
+        measure_bank_scaling(session)
         result["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         written = session.save(final=True)
         session.say(f"report: {', '.join(str(p) for p in written)}")
@@ -255,6 +258,21 @@ def run(options: Options) -> tuple[dict[str, Any], list[Path]]:
     finally:
         if own_work and not options.keep_work:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_bank_scaling(session: Session) -> None:
+    """The global scorer's bank search at the options' bank sizes (bench/bank_scaling.py), on this machine's threads."""
+    from swssl.bench.bank_scaling import bank_scaling
+    from swssl.scoring.bank_index import faiss_available
+
+    sizes = tuple(rows for rows in session.options.bank_sizes if rows > 0)
+    if not sizes:
+        return
+    if not faiss_available():
+        session.skip(session.result, "bank scaling", "faiss is not installed (pip install faiss-cpu)")
+        return
+    session.result["bank_scaling"] = session.step(session.result, f"bank scaling ({', '.join(map(str, sizes))} rows)",
+                                                  lambda: bank_scaling(sizes, threads=torch.get_num_threads()))
 
 
 def run_backbone(session: Session, backbone: str, paths: list[OurPath], images: workload.Images,
@@ -266,7 +284,8 @@ def run_backbone(session: Session, backbone: str, paths: list[OurPath], images: 
                              "skipped": [], "errors": []}
     session.result["models"].append(entry)
     made = session.step(entry, f"{backbone}: run directory and memory banks", lambda: workload.make_run(
-        work / "run", backbone, images, device, geometry, options.e2e_batch, options.seed, options.modes))
+        work / "run", backbone, images, device, geometry, options.e2e_batch or max(options.batches), options.seed,
+        options.modes))
     if made is None:
         return
     run_: workload.Run = made

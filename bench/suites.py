@@ -4,6 +4,7 @@ Each returns plain dicts (JSON-ready) and never decides what to measure; bench.s
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from swssl import profiling
 from swssl.registry import TORCH_BACKENDS
 from swssl.bench.memory import PeakMemory
 from swssl.bench.timing import measure
@@ -120,42 +122,66 @@ def official_way(encoder: torch.nn.Module, image: np.ndarray, config: Any, devic
             **timing.to_dict(), **peak.to_dict()}
 
 
-def end_to_end(run: Run, slides: list[Path], kind: str, precision: str, device: torch.device, batch: int,
+PROFILED_SLIDES = 4  # CUDA: the slides of the stage profile, run after the timed ones
+
+
+def end_to_end(run: Run, slides: list[Path], kind: str, precision: str, device: torch.device, batch: int | None,
                out: Path, mode: str = "exact") -> dict[str, Any]:
     """swssl-infer's runner (`run_inference`, the run's resize geometry, aligned scorer) over `slides`, after
-    a warm-up slide. Model loading is timed apart; slides/s is over the whole call (reading, resizing,
-    windows, encoding, scoring, result files); seconds per slide are the runner's own per-slide times."""
+    a warm-up slide, at `batch` windows per call (None: probed, as swssl-infer). Model loading is timed apart;
+    slides/s is over the whole call (reading, resizing, windows, encoding, scoring, result files); seconds per
+    slide are the runner's own per-slide times; `stages` (swssl.profiling) says where they went: measured in
+    the timed run on a CPU, in a run of PROFILED_SLIDES slides after it on CUDA."""
     from swssl.inference.runner import choose_settings, read_results, run_inference
 
     started = time.perf_counter()
     model = open_run(run.folder, kind, device, precision, mode)
     load_seconds = time.perf_counter() - started
-    settings = choose_settings(model.config, None, None, None, batch, False)
+    chosen = _batch(model, batch)
+    settings = choose_settings(model.config, None, None, None, chosen.batch, False)
     quiet = lambda text: None  # noqa: E731
     run_inference(slides[:1], model, out / "warm-up", settings, progress=False, echo=quiet)
-    with PeakMemory(device) as peak:
+    apart = device.type == "cuda"  # the stage clock synchronises CUDA at every stage: not in the timed run there
+    with PeakMemory(device) as peak, contextlib.nullcontext() if apart else profiling.profiling() as clock:
         started = time.perf_counter()
         summary = run_inference(slides, model, out / "timed", settings, progress=False, echo=quiet)
         wall = time.perf_counter() - started
+    if apart:
+        with profiling.profiling() as clock:
+            run_inference(slides[:PROFILED_SLIDES], model, out / "profiled", settings, progress=False, echo=quiet)
     return {"backend": getattr(model.backend, "name", kind), "load_seconds": load_seconds, "wall_seconds": wall,
             **_slide_stats(read_results(out / "timed"), wall), "failures": [list(f) for f in summary.failures],
-            "scorer": settings.scorer_name, "geometry": settings.geometry, "batch": batch, **peak.to_dict()}
+            "scorer": settings.scorer_name, "geometry": settings.geometry, **_batch_fields(chosen),
+            "stages": clock.to_dict(), **peak.to_dict()}
 
 
-def native_slide(run: Run, slide: Path, kind: str, precision: str, device: torch.device, batch: int,
+def _batch(model: Any, batch: int | None) -> Any:
+    """The runner's encoder batch for `model`: `batch`, or probed as swssl-infer does."""
+    from swssl.inference.batch_probe import choose_batch
+
+    g = model.config.geometry
+    return choose_batch(batch, model.backend, g.mode, g.patch, model.backend.device)
+
+
+def _batch_fields(chosen: Any) -> dict[str, Any]:
+    return {"batch": chosen.batch, "batch_how": chosen.how, "batch_rates": {str(b): r for b, r in chosen.rates.items()}}
+
+
+def native_slide(run: Run, slide: Path, kind: str, precision: str, device: torch.device, batch: int | None,
                  out: Path, mode: str = "exact") -> dict[str, Any]:
     """One large slide through the runner's native streaming path (scale 1, global scorer, background skipped)."""
     from swssl.inference.runner import choose_settings, read_results, run_inference
 
     model = open_run(run.folder, kind, device, precision, mode)
-    settings = choose_settings(model.config, None, None, 1.0, batch, False)
+    chosen = _batch(model, batch)
+    settings = choose_settings(model.config, None, None, 1.0, chosen.batch, False)
     with PeakMemory(device) as peak:
         started = time.perf_counter()
         summary = run_inference([slide], model, out, settings, progress=False, echo=lambda text: None)
         wall = time.perf_counter() - started
     return {"backend": getattr(model.backend, "name", kind), "wall_seconds": wall,
             **_slide_stats(read_results(out), wall), "failures": [list(f) for f in summary.failures],
-            "scorer": settings.scorer_name, "geometry": settings.geometry, "batch": batch, **peak.to_dict()}
+            "scorer": settings.scorer_name, "geometry": settings.geometry, **_batch_fields(chosen), **peak.to_dict()}
 
 
 def _slide_stats(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:

@@ -186,12 +186,12 @@ def _encoder(run_dir: Path, kind: str, device: str, mode: str | None) -> tuple[A
     return opened.backend, opened.config, opened.digest
 
 
-def _batch(requested: int | None, encode: Any, config: Config, err: bool = False) -> Any:
+def _batch(requested: int | None, encode: Any, config: Config) -> Any:
     """The encoder batch: --batch N, else measured on `encode` (swssl.inference.batch_probe); said on the terminal."""
     from swssl.inference.batch_probe import choose_batch
 
     choice = choose_batch(requested, encode, config.geometry.mode, config.geometry.patch, encode.device)
-    click.echo(f"batch: {choice.describe()}", err=err)
+    click.echo(f"batch: {choice.describe()}")
     return choice
 
 
@@ -425,8 +425,7 @@ def infer(slides: tuple[str, ...], model: Path, out_dir: Path, kind: str, device
         import_ray()  # fail fast, before the run is loaded
     loaded = open_run(model, kind, parse_device(device), precision, mode)
     options = scorer_options(list(SCORER_NAMES), **scorer_values)
-    batch = _batch(batch_size, loaded.backend, loaded.config, err=True)
-    settings = choose_settings(loaded.config, scorer, options, scale, batch.batch, heatmaps, max_pixels=max_pixels,
+    settings = choose_settings(loaded.config, scorer, options, scale, batch_size, heatmaps, max_pixels=max_pixels,
                                threshold=threshold, dicom=dicom)
     clock = None
     if use_ray:

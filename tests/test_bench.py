@@ -193,6 +193,14 @@ def test_smoke_run_writes_a_valid_report(tmp_path):
     assert dense["path"] == "torch eager fp32 dense" and dense["windows_per_slice"] == 4 * 3
     assert dense["windows_per_s"] > 0 and 0 < model["dense_flops_per_window"] <= model["flops_per_window"]  # step = patch
     assert [(r["mode"], r["slides"]) for r in model["end_to_end"]] == [("exact", 2), ("dense", 2)]
+    for row in model["end_to_end"]:  # the timed run's stage profile: its frames, the encoder among the stages
+        assert row["stages"]["frames"] == 2 and {"embed", "score", "read"} <= set(row["stages"]["stages"])
+        assert (row["batch"], row["batch_how"]) == (16, "given")  # --smoke fixes the batch; else probed
+    scaling = data.get("bank_scaling")
+    if scaling is not None:  # faiss installed: brute force, flat and ivf at the smoke's 2000 rows
+        [size] = scaling["sizes"]
+        assert size["rows"] == 2000 and size["flat"]["recall_at_1"] == 1.0 and 0 < size["ivf"]["recall_at_1"] <= 1
+        assert size["coreset"]["seconds"] > 0
     for native in (model["native"], model["native_dense"]):
         assert native["windows_scored"] + native["windows_skipped"] == 8 * 8
         assert native["skipped_share"] > 0.3  # the generated slide's background is not encoded
@@ -200,6 +208,7 @@ def test_smoke_run_writes_a_valid_report(tmp_path):
     text = (out / "smoke.md").read_text()
     assert "Smoke run" in text and "Ratios to the official way" in text and (out / "smoke.png").is_file()
     assert "Dense mode against exact mode" in text and "| torch eager fp32 dense |" in text
+    assert "Where a slice's time goes" in text and ("Bank search as the bank grows" in text) == (scaling is not None)
 
 
 def test_int8_peak_and_the_int8_paths_planned():

@@ -35,7 +35,7 @@ from swssl.files import FolderLock
 from swssl.inference.results import VOLUME, ResultLog
 from swssl.inference.run import OpenRun, open_run
 from swssl.inference.runner import (RunSummary, Settings, common_fields, error_recorder, open_results, run_header,
-                                    sayer, score_path, slides_to_score)
+                                    sayer, score_path, slides_to_score, with_batch)
 from swssl.scoring.scorers import build_scorer
 
 INSTALL = "pip install 'swssl[ray]'"
@@ -92,7 +92,8 @@ class FileScorer:
         self.model = open_run(model, kind, parse_device(device), precision, mode, bank=bank)
         self.scorer = build_scorer(settings.scorer_name, self.model.bank, self.model.backend.device,
                                    **settings.scorer_options)
-        self.decision, header = run_header(self.model, settings, resume)
+        settings, batch = with_batch(settings, self.model)  # probed on this worker's device, unless --batch
+        self.decision, header = run_header(self.model, settings, resume, batch)
         self.common = common_fields(header, settings)  # this worker's backend and device, in its rows
         self.settings, self.out_dir = settings, Path(out_dir)
 
@@ -166,7 +167,8 @@ def run_ray(slides: Sequence[str | Path], model: OpenRun, out_dir: str | Path, s
     ray = import_ray()
     out_dir = Path(out_dir)
     files, problems = slides_to_score(slides, out_dir, exclude)
-    _, header = run_header(model, settings, resume)
+    per_worker = "probed by each worker on its device (--batch N to fix it)" if settings.batch_size is None else ""
+    _, header = run_header(model, settings, resume, per_worker)
     summary, say = RunSummary(out_dir), sayer(echo)
     common = common_fields(header, settings)
     with FolderLock(out_dir, "swssl-infer"), ray_session(ray, address, workers or os.cpu_count() or 1):

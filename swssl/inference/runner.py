@@ -26,6 +26,7 @@ import contextlib
 import math
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -40,6 +41,7 @@ from swssl.config import Config
 from swssl.data.datasets import resize_frame
 from swssl.errors import ConfigError, ImageReadError, OutputError, SwsslError
 from swssl.files import FolderLock
+from swssl.inference.batch_probe import choose_batch
 from swssl.inference.gallery import write_gallery
 from swssl.inference.heatmaps import Overlay, heatmap_name, write_heatmap
 from swssl.names import for_terminal, one_line, readable
@@ -74,7 +76,7 @@ class Settings:
     scale: float
     scorer_name: str
     scorer_options: dict[str, Any]
-    batch_size: int = 256
+    batch_size: int | None = None  # windows per encoder call; None: probed when the run starts (`with_batch`)
     heatmaps: bool = False
     prefetch: int = 2
     max_pixels: int | None = readers.DEFAULT_MAX_PIXELS  # per frame; larger files are refused at open
@@ -194,7 +196,7 @@ class RunSummary:
 
 
 def choose_settings(config: Config, scorer: str | None, scorer_options: dict[str, dict] | None,
-                    scale: float | None, batch_size: int, heatmaps: bool, prefetch: int = 2,
+                    scale: float | None, batch_size: int | None, heatmaps: bool, prefetch: int = 2,
                     max_pixels: int | None = readers.DEFAULT_MAX_PIXELS, threshold: str | None = None,
                     dicom: bool = False) -> Settings:
     """The geometry (run config, or native when `scale` is given), the scorer (default: aligned for
@@ -204,7 +206,7 @@ def choose_settings(config: Config, scorer: str | None, scorer_options: dict[str
     scale = 1.0 if scale is None else 1.0 / scale_factor(scale)
     name = scorer or ("global" if geometry == "native" else "aligned")
     options = (scorer_options or {}).get(name, {})
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch must be at least 1, not {batch_size}")
     if max_pixels is not None and max_pixels < 1:
         raise ConfigError(f"--max-pixels must be at least 1, not {max_pixels}")
@@ -219,18 +221,28 @@ def run_inference(slides: Sequence[str | Path], model: OpenRun, out_dir: str | P
     out_dir = Path(out_dir)
     files, problems = slides_to_score(slides, out_dir, exclude)
     scorer = build_scorer(settings.scorer_name, model.bank, model.backend.device, **settings.scorer_options)
-    decision, header = run_header(model, settings, resume)
     summary, say = RunSummary(out_dir), sayer(echo)
-    common = common_fields(header, settings)
-    with FolderLock(out_dir, "swssl-infer"), open_results(out_dir, header, resume, summary, say) as log:
-        record_error = error_recorder(log, common, summary, say)
-        for argument, message in problems:
-            record_error(argument, None, message)
-        bar = tqdm(files, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
-        for path in bar:
-            score_path(path, model, scorer, settings, log, summary, bar, common, record_error, decision, say)
-        bar.close()
+    with FolderLock(out_dir, "swssl-infer"):  # probing the batch waits for the lock: a second run is refused at once
+        settings, batch = with_batch(settings, model)
+        decision, header = run_header(model, settings, resume, batch)
+        common = common_fields(header, settings)
+        with open_results(out_dir, header, resume, summary, say) as log:
+            record_error = error_recorder(log, common, summary, say)
+            for argument, message in problems:
+                record_error(argument, None, message)
+            bar = tqdm(files, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
+            for path in bar:
+                score_path(path, model, scorer, settings, log, summary, bar, common, record_error, decision, say)
+            bar.close()
     return summary
+
+
+def with_batch(settings: Settings, model: OpenRun) -> tuple[Settings, str]:
+    """`settings` with its encoder batch (--batch as given, else probed on the model's backend and device:
+    swssl.inference.batch_probe), and how it was chosen."""
+    g = model.config.geometry
+    choice = choose_batch(settings.batch_size, model.backend, g.mode, g.patch, model.backend.device)
+    return dataclasses.replace(settings, batch_size=choice.batch), choice.describe()
 
 
 def slides_to_score(slides: Sequence[str | Path], out_dir: Path,
@@ -256,6 +268,8 @@ def open_results(out_dir: Path, header: dict[str, Any], resume: bool, summary: R
     log = ResultLog(out_dir, header, resume)
     if header["backend_reason"]:
         say(f"backend: {header['backend_reason']}")
+    if header["batch"]:
+        say(f"batch: {header['batch']}")
     say(f"threshold: {header['calibration']}")
     writable = True
     try:
@@ -269,8 +283,9 @@ def open_results(out_dir: Path, header: dict[str, Any], resume: bool, summary: R
             finish_outputs(log, out_dir, header, summary, say)
 
 
-def run_header(model: OpenRun, settings: Settings, resume: bool) -> tuple[Decision, dict[str, Any]]:
-    """The threshold decision of the run's bank and the "run" record that starts each invocation's results."""
+def run_header(model: OpenRun, settings: Settings, resume: bool, batch: str = "") -> tuple[Decision, dict[str, Any]]:
+    """The threshold decision of the run's bank and the "run" record that starts each invocation's results
+    (`batch`: how the encoder batch was chosen)."""
     backend = model.backend
     calibration = model.bank.calibration(settings.scorer_name, settings.scorer_options)
     decision = Decision(calibration, resolve_threshold(settings.threshold, calibration), model.bank.domain)
@@ -279,7 +294,7 @@ def run_header(model: OpenRun, settings: Settings, resume: bool) -> tuple[Decisi
               "device": str(backend.device), "precision": getattr(backend, "precision", None),
               "backend_reason": getattr(backend, "reason", ""), "encoder_digest": model.digest, "scorer": settings.scorer_name,
               "scorer_options": settings.scorer_options, "geometry": settings.geometry,
-              "mode": model.config.geometry.mode, "scale": settings.scale, "batch_size": settings.batch_size, "resumed": bool(resume),
+              "mode": model.config.geometry.mode, "scale": settings.scale, "batch_size": settings.batch_size, "batch": batch, "resumed": bool(resume),
               "threshold": None if decision.threshold is None else decision.threshold.to_dict(),
               "calibration": decision.describe(), "config": model.config.to_dict()}
     return decision, header
