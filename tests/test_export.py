@@ -128,6 +128,13 @@ def test_int8_onnx_is_quantized_runs_integer_kernels_and_is_verified(tiny, tmp_p
     assert quantization["kernels"]["integer_share"] > 0.5  # QLinearConv, not Conv after DequantizeLinear
     assert "QLinearConv" in quantization["kernels"]["ms_per_op"]
     assert "--precision int8" in manifest["command"]
+    from swssl.export.quantize import cpu_int8_flags, weight_type_for
+    assert quantization["pair"] == {"int8": "U8S8", "uint8": "U8U8"}[weight_type_for(cpu_int8_flags())]
+    [first] = quantization["float_nodes"]  # the convolution that reads the image stays float32
+    import onnx
+    graph = onnx.load(str(tmp_path / "onnx-int8" / "model.onnx")).graph
+    weight = next(node for node in graph.node if node.name == first).input[1]
+    assert not any(node.op_type == "DequantizeLinear" and weight in node.output for node in graph.node)
     int8 = tmp_path / "onnx-int8" / "model.onnx"
     assert (tmp_path / "onnx-int8" / "model.onnx").stat().st_size < 0.5 * (tmp_path / "onnx" / "model.onnx").stat().st_size
     backend, _ = load_backend(int8)
@@ -139,6 +146,22 @@ def test_int8_onnx_is_quantized_runs_integer_kernels_and_is_verified(tiny, tmp_p
     assert 0.9 < metrics["min_cosine"] < 0.999999  # close, and not the float32 graph under another name
     assert np.isfinite(metrics["max_abs_error"])
 
+
+
+def test_int8_weights_follow_vnni_and_an_u8s8_graph_is_refused_without_it(monkeypatch):
+    from swssl.export import quantize
+    from swssl.inference.backends import BackendError, OnnxRuntimeBackend
+
+    assert quantize.weight_type_for(["avx2", "avx512_vnni"]) == "int8"
+    assert quantize.weight_type_for(["avx2", "avx_vnni"]) == "int8"
+    assert quantize.weight_type_for(["avx2", "avx512bw"]) == "uint8"  # AVX2 / AVX-512 without VNNI saturate U8S8
+    monkeypatch.setattr(quantize, "cpu_int8_flags", lambda: ["avx2"])
+    assert quantize.pair_problem({"pair": "U8U8"}) is None
+    manifest = {"precision": "int8", "quantization": {"pair": "U8S8"}}
+    with pytest.raises(BackendError, match="VNNI"):
+        OnnxRuntimeBackend.from_manifest(Path("model.onnx"), manifest, torch.device("cpu"), None, 8)
+    monkeypatch.setattr(quantize, "cpu_int8_flags", lambda: ["avx2", "avx512_vnni"])
+    assert quantize.pair_problem({"pair": "U8S8"}) is None
 
 
 def test_a_verification_failure_exits_1_with_the_numbers_and_is_refused(tiny, tmp_path, monkeypatch):

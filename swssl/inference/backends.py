@@ -231,6 +231,12 @@ class OnnxRuntimeBackend(ArtifactBackend):
     @classmethod
     def from_manifest(cls, artifact: Path, manifest: dict[str, Any], device: torch.device, spec: GraphSpec | None,
                       dim: int) -> OnnxRuntimeBackend:
+        if manifest.get("precision") == "int8":
+            from swssl.export.quantize import pair_problem
+
+            problem = pair_problem(manifest.get("quantization") or {})
+            if problem:
+                raise BackendError(f"{artifact}: {problem}")
         return cls(artifact, device, spec=spec)
 
     def _infer(self, inputs: torch.Tensor) -> torch.Tensor:
