@@ -159,14 +159,15 @@ def _metadata(index: BankIndex, bank_sha256: str, coreset_ratio: float | None, s
             "coreset_seed": seed if coreset_ratio is not None else None, "rows_sha256": rows}
 
 
-def save_index(index: BankIndex, bank_path: str | Path, bank_sha256: str, rows: torch.Tensor,
+def save_index(index: BankIndex, bank_path: str | Path, bank_sha256: str, rows_sha256: str,
                coreset_ratio: float | None = None, seed: int = 0) -> Path:
-    """Write `index` (over `rows`, the bank's foreground rows or their coreset) beside the bank; returns its path."""
+    """Write `index` (over the rows of digest `rows_sha256`: the bank's foreground rows or their coreset, as
+    `rows_digest` gives it) beside the bank; returns its path."""
     faiss = _faiss()
     path, meta_path = index_files(bank_path, index.kind)
     data = faiss.serialize_index(index.index)
     atomic_write(path, lambda tmp: tmp.write_bytes(data.tobytes()))
-    metadata = {**_metadata(index, bank_sha256, coreset_ratio, seed, rows_digest(rows)),
+    metadata = {**_metadata(index, bank_sha256, coreset_ratio, seed, rows_sha256),
                 "index_sha256": sha256_file(path)}
     atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(metadata, indent=1)))
     return path

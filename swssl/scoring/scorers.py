@@ -205,13 +205,14 @@ class GlobalScorer(_Scorer):
         self.coreset_ratio, self.seed = coreset_ratio, seed
         if index is None and len(flat) >= bank_index.AUTO_INDEX_ROWS and bank_index.faiss_available():
             index = bank_index.APPROXIMATE
-        self.index, self.index_source = None, None
+        self.index, self.index_source, self.rows_sha256 = None, None, None
         if index is not None:
             if bank.path is not None and bank.sha256 is not None:
                 self.index, self.index_source = bank_index.load_index(bank.path, index, bank.sha256, flat,
                                                                       coreset_ratio, seed)
             if self.index is None:
                 self.index = BankIndex(flat, index, seed=seed)
+                self.rows_sha256 = bank_index.rows_digest(flat)  # what save_global_index records
         self.search = "brute force" if self.index is None else self.index.description
         if self.index is None:
             self.bank = flat.to(self.device)
@@ -240,9 +241,8 @@ def save_global_index(bank: MemoryBank, options: dict) -> Path | None:
         return None
     if scorer.index_source is not None and scorer.index_source.startswith("saved index"):
         return bank_index.index_files(bank.path, scorer.index.kind)[0]
-    rows = global_rows(bank, options.get("k", 1), options.get("coreset_ratio"), options.get("seed", 0))
-    return bank_index.save_index(scorer.index, bank.path, bank.sha256, rows, options.get("coreset_ratio"),
-                                 options.get("seed", 0))
+    return bank_index.save_index(scorer.index, bank.path, bank.sha256, scorer.rows_sha256,
+                                 options.get("coreset_ratio"), options.get("seed", 0))
 
 
 def global_rows(bank: MemoryBank, k: int = 1, coreset_ratio: float | None = None, seed: int = 0,
