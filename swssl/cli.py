@@ -225,13 +225,14 @@ def bank(run_dir: Path, data: Path, fp32: bool, scorer_values: dict[str, Any], m
 
     encode, config, digest = _encoder(run_dir, kind, device, mode)
     batch = _batch(batch_size, encode, config)
-    memory = build_calibrated_bank(encode, discover(data), config, digest, batch.batch, encode.device,
-                                   torch.float32 if fp32 else torch.float16,
-                                   scorer_options(list(SCORER_NAMES), **scorer_values))
+    memory, calibrated = build_calibrated_bank(encode, discover(data), config, digest, batch.batch, encode.device,
+                                               torch.float32 if fp32 else torch.float16,
+                                               scorer_options(list(SCORER_NAMES), **scorer_values))
     path = bank_file(run_dir, config.geometry.mode)
     memory.save(path)
     from swssl.scoring.scorers import save_global_index
-    index_path = save_global_index(memory, scorer_options(["global"], **scorer_values)["global"])
+    index_path = save_global_index(memory, scorer_options(["global"], **scorer_values)["global"],
+                                   calibrated.get("global"))
     if index_path is not None:
         click.echo(f"bank index: {index_path}")
     n, r, c, d = memory.embeddings.shape

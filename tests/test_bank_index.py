@@ -174,3 +174,42 @@ def test_without_faiss_the_error_names_the_package(monkeypatch):
 def test_an_unknown_index_is_refused_naming_the_choices():
     with pytest.raises(ConfigError, match="choose from flat, ivf"):
         BankIndex(torch.zeros(3, 4), "hnsw")
+
+
+@needs_faiss
+def test_swssl_bank_builds_the_coreset_and_index_once_and_saves_that_index(tiny_data, tmp_path, monkeypatch):
+    """The calibration's global scorer builds them; swssl-bank saves its index (no second k-means, no second
+    greedy), and a scorer of the saved bank then loads it."""
+    from click.testing import CliRunner
+
+    from swssl import cli
+    from swssl.config import load_preset
+    from swssl.model.checkpoint import save_checkpoint
+    from swssl.model.encoder import build_encoder
+    from swssl.scoring import scorers
+
+    config = load_preset("small").override({"geometry": {"height": 128, "width": 96, "patch": 32, "step": 16}})
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoint.pt", build_encoder(config).eval(), None, 0, config, [])
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    counts = {"index": 0, "coreset": 0}
+    index_init, greedy = BankIndex.__init__, scorers.k_center_greedy
+
+    def counted_index(self, *args, **kwargs):
+        counts["index"] += 1
+        index_init(self, *args, **kwargs)
+
+    def counted_greedy(*args, **kwargs):
+        counts["coreset"] += 1
+        return greedy(*args, **kwargs)
+
+    monkeypatch.setattr(BankIndex, "__init__", counted_index)
+    monkeypatch.setattr(scorers, "k_center_greedy", counted_greedy)
+    result = CliRunner().invoke(cli.bank, [str(run), "--data", str(tiny_data), "--device", "cpu", "--batch", "16",
+                                           "--index", "flat", "--coreset", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert counts == {"index": 1, "coreset": 1} and "bank index: " in result.output
+    bank = MemoryBank.load(run)
+    scorer = build_scorer("global", bank, coreset_ratio=0.5, index="flat")
+    assert scorer.index_source.startswith("saved index")

@@ -160,7 +160,8 @@ def calibrated_run(tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     save_checkpoint(run / "checkpoint.pt", encoder, None, 0, config, [])
     (run / "config.json").write_text(json.dumps(config.to_dict()))
-    bank = build_calibrated_bank(encoder, discover(tiny_data / "manifest.csv"), config, weights_digest(encoder), 64)
+    bank, built = build_calibrated_bank(encoder, discover(tiny_data / "manifest.csv"), config, weights_digest(encoder), 64)
+    assert set(built) == {"aligned", "global", "reference"}  # the scorers it calibrated with, for swssl-bank
     bank.save(run / BANK)
     return run, bank
 

@@ -27,16 +27,18 @@ from swssl.windows.geometry import grid
 from swssl.scoring.metrics import auroc_interval, image_auroc
 from swssl.model.encoder import PatchEncoder
 from swssl.scoring.report import by_contrast, ImageResult, format_table, summarise, write_report
-from swssl.scoring.scorers import build_scorer, scorer_options
+from swssl.scoring.scorers import Scorer, build_scorer, scorer_options
 from swssl.windows.embed import Encode
 from swssl.windows.tiling import ImageWindows, score_source
 
 
 def score_samples(encoder: Encode, bank: MemoryBank, samples: list[Sample], config: Config,
                   scorers: dict[str, dict], device: str | torch.device = "cpu", batch_size: int = 256,
-                  progress: bool = True, desc: str = "scoring") -> dict[str, list[ImageResult]]:
-    """Per scorer name, one ImageResult per sample (with its mask; images are not kept)."""
-    built = {name: build_scorer(name, bank, device, **options) for name, options in scorers.items()}
+                  progress: bool = True, desc: str = "scoring", built: dict[str, Scorer] | None = None
+                  ) -> dict[str, list[ImageResult]]:
+    """Per scorer name, one ImageResult per sample (with its mask; images are not kept). `built`: the scorers of
+    `scorers` already built over `bank` (else they are built here)."""
+    built = built or {name: build_scorer(name, bank, device, **options) for name, options in scorers.items()}
     results: dict[str, list[ImageResult]] = {name: [] for name in scorers}
     for sample in tqdm(samples, desc=desc, unit="img", disable=not progress):
         image = load_resized(sample, config.geometry, config.preprocess.intensity)
@@ -88,24 +90,27 @@ def default_scorer_options() -> dict[str, dict]:
 def build_calibrated_bank(encoder: Encode, samples: list[Sample], config: Config, encoder_digest: str,
                           batch_size: int = 256, device: str | torch.device = "cpu",
                           dtype: torch.dtype = torch.float16, scorers: dict[str, dict] | None = None
-                          ) -> MemoryBank:
+                          ) -> tuple[MemoryBank, dict[str, Scorer]]:
     """The bank of a dataset's training normals, calibrated (per scorer and options, default: every scorer
-    at its defaults) on held-out images (`calibration_split`); without a held-out image it has no calibration."""
+    at its defaults) on held-out images (`calibration_split`); without a held-out image it has no calibration.
+    Also the scorers it was calibrated with, by name (none without a held-out image): swssl-bank saves the
+    global scorer's index from them instead of building it again."""
     bank_samples, normal, abnormal, source = calibration_split(samples)
     bank = build_bank(encoder, bank_samples, config, encoder_digest, batch_size, device, dtype)
     if not normal:
         tqdm.write("no held-out normal image to calibrate the bank with: scores will have no percentile")
-        return bank
+        return bank, {}
     scorers = scorers if scorers is not None else default_scorer_options()
+    built = {name: build_scorer(name, bank, device, **options) for name, options in scorers.items()}
     results = score_samples(encoder, bank, normal + abnormal, config, scorers, device, batch_size,
-                            desc="calibrating")
+                            desc="calibrating", built=built)
     for name, scored in results.items():
         normals, abnormals = scored[:len(normal)], scored[len(normal):]
         maps = [r.window_scores for r in normals] if all(r.window_scores is not None for r in normals) else None
         bank.calibrations[options_key(name, scorers[name])] = calibrate(
             name, scorers[name], [r.score for r in normals], [r.score for r in abnormals], maps,
             f"{source}{f', {len(abnormal)} abnormal' if abnormal else ''}", [str(s.path) for s in normal])
-    return bank
+    return bank, built
 
 
 def evaluate(encoder: Encode, bank: MemoryBank, samples: list[Sample], config: Config,

@@ -233,10 +233,12 @@ class GlobalScorer(_Scorer):
         return knn_distances(queries, self.bank, self.norms, self.k, self.chunk).mean(-1)
 
 
-def save_global_index(bank: MemoryBank, options: dict) -> Path | None:
+def save_global_index(bank: MemoryBank, options: dict, scorer: GlobalScorer | None = None) -> Path | None:
     """After a bank is saved (swssl-bank): the global scorer's index for `options` (--index KIND, or the automatic
-    choice above bank_index.AUTO_INDEX_ROWS) written beside it; None when that scorer uses the brute force."""
-    scorer = GlobalScorer(bank, **options)
+    choice above bank_index.AUTO_INDEX_ROWS) written beside it; None when that scorer uses the brute force.
+    `scorer`: one already built with `options` over this bank's rows (the calibration's), whose index is saved
+    instead of being built again."""
+    scorer = scorer or GlobalScorer(bank, **options)
     if scorer.index is None or bank.path is None or bank.sha256 is None:
         return None
     if scorer.index_source is not None and scorer.index_source.startswith("saved index"):

@@ -247,7 +247,7 @@ def _build_run_bank(checkpoint: Path, samples: list[Sample], device, out: Path) 
     if _bank_fits(path, config, digest):
         tqdm.write(f"{path}: memory bank up to date")
         return
-    bank = build_calibrated_bank(encoder.to(device), samples, config, digest, device=device)
+    bank, _ = build_calibrated_bank(encoder.to(device), samples, config, digest, device=device)
     bank.save(path)
 
 
