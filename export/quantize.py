@@ -132,8 +132,8 @@ def _input_name(path: Path) -> str:
 
 
 def kernel_profile(path: Path, sample: np.ndarray, threads: int | None = None) -> dict[str, Any]:
-    """Time per operator type of one run of the graph at `path` on `sample` (ONNX Runtime's profiler, CPU),
-    and the share of it spent in integer kernels: whether an INT8 graph really runs as integers."""
+    """Time and nodes per operator type of one run of the graph at `path` on `sample` (ONNX Runtime's profiler,
+    CPU), and the share of the time spent in integer kernels: whether an INT8 graph really runs as integers."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="swssl-profile-") as scratch:
@@ -149,16 +149,18 @@ def kernel_profile(path: Path, sample: np.ndarray, threads: int | None = None) -
         session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
     per_op: dict[str, float] = {}
+    nodes: dict[str, set[str]] = {}
     for event in events:
         args = event.get("args", {})
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
             op = args.get("op_name", "?")
             per_op[op] = per_op.get(op, 0.0) + float(event.get("dur", 0)) / 1e3
+            nodes.setdefault(op, set()).add(event["name"])
     total = sum(per_op.values()) or 1.0
     integer = sum(ms for op, ms in per_op.items() if op.startswith(INTEGER_OPS))
     ranked = dict(sorted(per_op.items(), key=lambda item: -item[1]))
     return {"integer_share": round(integer / total, 4), "ms_per_op": {op: round(ms, 3) for op, ms in ranked.items()},
-            "cpu_flags": cpu_int8_flags()}
+            "nodes_per_op": {op: len(nodes[op]) for op in ranked}, "cpu_flags": cpu_int8_flags()}
 
 
 def cpu_int8_flags() -> list[str]:
